@@ -1,0 +1,53 @@
+"""Train/val/test as a sweep uses them: official val where published, else carved from train."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trials.datasets.base import DatasetSplits, Sample
+
+
+def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified by class, deterministic for a seed; every class keeps at least one train image."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([s.label for s in train])
+    val_idx: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        n_val = min(int(round(fraction * len(members))), len(members) - 1)
+        val_idx.extend(members[:n_val].tolist())
+    is_val = np.zeros(len(train), dtype=bool)
+    is_val[val_idx] = True
+    return [s for s, v in zip(train, is_val) if not v], [s for s, v in zip(train, is_val) if v]
+
+
+def subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded, class-stratified subset of at most `limit` samples (order kept)."""
+    if limit is None or len(samples) <= limit:
+        return samples
+    rng = np.random.default_rng(seed)
+    labels = np.array([s.label for s in samples])
+    keep: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        keep.extend(members[: max(1, round(limit * len(members) / len(samples)))].tolist())
+    return [samples[i] for i in sorted(keep)[:limit]]
+
+
+def sweep_splits(data: DatasetSplits, val_fraction: float, seed: int,
+                 limits: dict[str, int | None] | None = None) -> dict[str, list[Sample]]:
+    """{"train", "val", "test"} for a sweep. Test is only ever the official test split."""
+    if "test" in data.splits:
+        test = data.splits["test"]
+        if "val" in data.splits:
+            train, val = data.splits["train"], data.splits["val"]
+        else:
+            train, val = carve_val(data.splits["train"], val_fraction, seed)
+    else:  # ImageNet-style folders publish train + val only: val is the held-out (test) set
+        test = data.splits["val"]
+        train, val = carve_val(data.splits["train"], val_fraction, seed)
+    out = {"train": train, "val": val, "test": test}
+    limits = limits or {}
+    return {k: subsample(v, limits.get(k), seed) for k, v in out.items()}

@@ -1,0 +1,54 @@
+"""Noise schedules, q_sample, and seeded noise that makes every feature a pure function of its key."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+NUM_TIMESTEPS = 1000
+
+
+def betas(schedule: str = "linear", steps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """guided-diffusion's β schedules (float64)."""
+    if schedule == "linear":
+        scale = 1000 / steps  # keeps the schedule's shape for step counts other than 1000
+        return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+    if schedule == "cosine":
+        def alpha_bar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)])
+    raise ValueError(f"unknown noise schedule '{schedule}'; use 'linear' or 'cosine'")
+
+
+def alphas_cumprod(schedule: str = "linear", steps: int = NUM_TIMESTEPS) -> np.ndarray:
+    return np.cumprod(1.0 - betas(schedule, steps))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, with t an int or one step per image."""
+    abar = torch.as_tensor(alphas_cumprod(schedule), dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.long).cpu().expand(x0.shape[0])
+    a = abar[t].to(device=x0.device, dtype=torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def noise_seed(seed: int, image_id: str | int, t: int) -> int:
+    digest = hashlib.blake2b(f"{seed}|{image_id}|{t}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, image_ids: list, t: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """ε for each image from its own CPU generator seeded by (seed, image id, t).
+
+    Drawn on the CPU and moved, so the same key gives the same ε on any device and in any batch.
+    """
+    gen = torch.Generator()
+    out = torch.empty((len(image_ids), *shape))
+    for i, image_id in enumerate(image_ids):
+        gen.manual_seed(noise_seed(seed, image_id, t))
+        out[i] = torch.randn(shape, generator=gen)
+    return out.to(device)

@@ -1,0 +1,384 @@
+"""The guided-diffusion "ADM" U-Net, in one file.
+
+Parameter names and shapes follow guided-diffusion's `UNetModel` exactly for the same flags, so the
+official checkpoints (`256x256_diffusion_uncond.pt`, `128x128_diffusion.pt`, `64x64_diffusion.pt`)
+load with `strict=True`. Constructor arguments carry guided-diffusion's flag names.
+
+Differences from the reference code that do not change results: attention runs through
+`scaled_dot_product_attention` (same math, fused kernels), and there is no gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture flags
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """guided-diffusion's flags, one field each (see its `script_util.create_model`)."""
+
+    image_size: int = 64
+    num_channels: int = 128
+    num_res_blocks: int = 2
+    channel_mult: tuple[float, ...] = ()  # () = guided-diffusion's default for image_size
+    attention_resolutions: tuple[int, ...] = (16, 8)  # resolutions in pixels, as in the flag
+    num_heads: int = 4
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    learn_sigma: bool = False
+    class_cond: bool = False
+    num_classes: int = 1000
+    dropout: float = 0.0
+    in_channels: int = 3
+    use_fp16: bool = False  # accepted for compatibility; dtype is chosen by the caller
+
+    @property
+    def mult(self) -> tuple[float, ...]:
+        if self.channel_mult:
+            return tuple(self.channel_mult)
+        defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                    64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+        if self.image_size not in defaults:
+            raise ValueError(f"no default channel_mult for image_size {self.image_size}; set channel_mult")
+        return defaults[self.image_size]
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def attention_ds(self) -> tuple[int, ...]:
+        """Downsample factors at which attention is used (guided-diffusion stores it this way)."""
+        return tuple(self.image_size // r for r in self.attention_resolutions)
+
+    def to_flags(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_mult"] = ",".join(_fmt(m) for m in self.mult)
+        d["attention_resolutions"] = ",".join(str(r) for r in self.attention_resolutions)
+        return d
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _csv(value: Any, cast) -> tuple:
+    if value in ("", None):
+        return ()
+    if isinstance(value, str):
+        return tuple(cast(v) for v in value.split(",") if v.strip())
+    if isinstance(value, (int, float)):
+        return (cast(value),)
+    return tuple(cast(v) for v in value)
+
+
+# Public guided-diffusion checkpoints (flags from its README) plus our own small models.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "adm-256-uncond": dict(image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                           num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True,
+                           learn_sigma=True, class_cond=False, use_fp16=True),
+    "adm-128-cond": dict(image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                         num_heads=4, resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,
+                         class_cond=True, use_fp16=True),
+    "adm-64-cond": dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
+                        num_head_channels=64, resblock_updown=True, use_new_attention_order=True,
+                        use_scale_shift_norm=True, learn_sigma=True, class_cond=True, dropout=0.1,
+                        use_fp16=True),
+    # Ours, for 28x28 grey images (Fashion-MNIST, digits): 28 -> 14 -> 7, attention only at 7x7
+    # (attention at full resolution costs most and helps least on CPU).
+    "adm-28-small": dict(image_size=28, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2,2",
+                         attention_resolutions="7", num_head_channels=32, resblock_updown=True,
+                         use_scale_shift_norm=True),
+    # A slightly wider variant for 32x32 RGB data.
+    "adm-32-small": dict(image_size=32, num_channels=64, num_res_blocks=1, channel_mult="1,2,2",
+                         attention_resolutions="8", num_head_channels=32, resblock_updown=True,
+                         use_scale_shift_norm=True),
+}
+
+
+def make_config(config: str | dict[str, Any] | UNetConfig) -> UNetConfig:
+    """Turn an architecture name or a dict of guided-diffusion flags into a `UNetConfig`."""
+    if isinstance(config, UNetConfig):
+        return config
+    if isinstance(config, str):
+        if config not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture '{config}'; known: {', '.join(ARCHITECTURES)}")
+        config = ARCHITECTURES[config]
+    known = {f.name for f in fields(UNetConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown U-Net flag '{unknown[0]}'; known flags: {', '.join(sorted(known))}")
+    kw = dict(config)
+    if "channel_mult" in kw:
+        kw["channel_mult"] = _csv(kw["channel_mult"], float)
+    if "attention_resolutions" in kw:
+        kw["attention_resolutions"] = _csv(kw["attention_resolutions"], int)
+    return UNetConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in fp32 whatever the input dtype (as guided-diffusion does)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps: [cos | sin] halves."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.op = (nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1) if use_conv
+                   else nn.AvgPool2d(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block; the timestep embedding enters as scale/shift (or a bias) after the 2nd norm."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over spatial positions. Two qkv layouts exist in the released checkpoints:
+    legacy (heads split before q/k/v) and the new order (q/k/v split before heads)."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.new_order = use_new_attention_order
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))  # (b, 3c, L)
+        n, length, ch = self.num_heads, qkv.shape[-1], c // self.num_heads
+        if self.new_order:
+            q, k, v = (z.reshape(b, n, ch, length) for z in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(b, n, 3 * ch, length).split(ch, dim=2)
+        # SDPA wants (batch, heads, tokens, channels); the result is the same softmax(qk/sqrt(ch))v.
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = h.transpose(-1, -2).reshape(b, c, length)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence whose ResBlocks also receive the timestep embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch0 = cfg.num_channels
+        emb_dim = ch0 * 4
+        heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
+        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.class_cond:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+
+        def res(cin: int, cout: int, **kw) -> ResBlock:
+            return ResBlock(cin, emb_dim, cfg.dropout, cout, cfg.use_scale_shift_norm, **kw)
+
+        def attn(c: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(c, heads, cfg.num_head_channels, cfg.use_new_attention_order)
+
+        ch = input_ch = int(cfg.mult[0] * ch0)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, m in enumerate(cfg.mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(m * ch0))]
+                ch = int(m * ch0)
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch, cfg.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.mult) - 1:
+                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, True, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, cfg.num_heads), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, m in list(enumerate(cfg.mult))[::-1]:
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(ch0 * m))]
+                ch = int(ch0 * m)
+                if ds in cfg.attention_ds:
+                    layers.append(attn(ch, heads_up))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, True, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
+        if self.config.class_cond:
+            if y is None:
+                raise ValueError("this U-Net is class-conditional: pass y (class labels)")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def blocks(self) -> list[nn.Module]:
+        """All blocks in paper order: input_blocks, middle_block, output_blocks."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def create_unet(config: str | dict[str, Any] | UNetConfig) -> UNetModel:
+    """Build the ADM U-Net from an architecture name or guided-diffusion flags."""
+    return UNetModel(make_config(config))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the requested architecture."""
+
+
+def load_checkpoint(path: str | Path, arch: str | dict[str, Any] | UNetConfig,
+                    map_location: str | torch.device = "cpu") -> UNetModel:
+    """Load weights into a fresh U-Net, refusing anything but an exact, data-only match.
+
+    `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
+    so a pickle that needs code is refused rather than executed.
+    """
+    path = Path(path)
+    name = arch if isinstance(arch, str) else "the given flags"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file not found; pass the path of a .pt or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device=str(map_location))
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - turn any loader failure into one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: not a plain weights file ({first[:160]}); "
+                              "only tensor state dicts are loaded (weights_only=True)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a state dict")
+    model = create_unet(arch)
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path}: missing key '{key}' expected by architecture {name}")
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"checkpoint {path}: key '{key}' has shape {shape}, architecture {name} "
+                                  f"expects {tuple(tensor.shape)}")
+    for key in state:
+        if key not in expected:
+            raise CheckpointError(f"checkpoint {path}: unexpected key '{key}' for architecture {name}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
