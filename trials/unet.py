@@ -11,6 +11,7 @@ Differences from the reference code that do not change results: attention runs t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -344,17 +345,32 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the requested architecture."""
 
 
+def _load_failure(e: Exception) -> str:
+    """One short line saying why torch.load / safetensors refused a file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours part of its weights_only message
+    needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if needs:
+        return f"the pickle needs code: {needs.group(1)}"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    line = detail.group(1) if detail else next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = " ".join(line.split())
+    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
+
+
 def load_checkpoint(path: str | Path, arch: str | dict[str, Any] | UNetConfig,
                     map_location: str | torch.device = "cpu") -> UNetModel:
     """Load weights into a fresh U-Net, refusing anything but an exact, data-only match.
 
     `.safetensors` files are read with safetensors; anything else with `torch.load(weights_only=True)`,
-    so a pickle that needs code is refused rather than executed.
+    so a pickle that needs code is refused rather than executed. Every refusal is a one-line
+    `CheckpointError` naming the architecture and, where there is one, the first offending key
+    (in the architecture's state-dict order; unexpected keys are checked after that).
     """
     path = Path(path)
     name = arch if isinstance(arch, str) else "the given flags"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: file not found; pass the path of a .pt or .safetensors file")
+        raise CheckpointError(f"checkpoint {path}: file not found; pass the path of a .pt or .safetensors file "
+                              f"for architecture {name}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -362,11 +378,12 @@ def load_checkpoint(path: str | Path, arch: str | dict[str, Any] | UNetConfig,
         else:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - turn any loader failure into one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: not a plain weights file ({first[:160]}); "
-                              "only tensor state dicts are loaded (weights_only=True)") from None
+        raise CheckpointError(f"checkpoint {path}: not a plain weights file for architecture {name} "
+                              f"({_load_failure(e)}); only tensor state dicts are loaded "
+                              "(weights_only=True)") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a state dict for "
+                              f"architecture {name}")
     model = create_unet(arch)
     expected = model.state_dict()
     for key, tensor in expected.items():
