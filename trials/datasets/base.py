@@ -15,7 +15,9 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Sample:
     image_id: str  # stable across runs: seeds the noise and keys the feature store
-    source: Path | np.ndarray  # an image file, or the pixels themselves (H×W or H×W×C uint8)
+    # an image file, or the pixels themselves (H×W or H×W×C uint8); not compared, so that samples
+    # holding arrays still hash and compare (by id and label)
+    source: Path | np.ndarray = field(compare=False)
     label: int
 
 
@@ -40,12 +42,15 @@ def find_root(root: str | Path, marker: str, dataset: str) -> Path:
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"{dataset}: dataset root {root} does not exist; pass --root PATH of the unpacked archive")
+    if not root.is_dir():
+        raise DatasetError(f"{dataset}: dataset root {root} is a file, not a folder; unpack the archive and "
+                           "pass the folder")
     if (root / marker).exists():
         return root
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         if (child / marker).exists():
             return child
-    raise DatasetError(f"{dataset}: annotation file {root / marker} not found; point root at the unpacked "
+    raise DatasetError(f"{dataset}: {root / marker} not found; point root at the unpacked "
                        f"{dataset} folder (or its parent)")
 
 
@@ -56,10 +61,14 @@ def require_file(path: Path, dataset: str) -> Path:
 
 
 def image_path(root: Path, relative: str, dataset: str, annotation: Path) -> Path:
-    """Resolve an image named by an annotation file, refusing paths that leave the dataset root."""
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
+    """Resolve an image named by an annotation file, refusing paths that leave the dataset root.
+
+    Checked lexically (absolute paths and `..` are refused) rather than by following links, so an
+    `images/` folder that is a symlink to another disk still works."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
         raise DatasetError(f"{dataset}: {annotation} names {relative!r}, which lies outside the dataset root")
+    path = root / rel
     if not path.is_file():
         raise DatasetError(f"{dataset}: {annotation} names image {relative!r}, which is not at {path}")
     return path

@@ -25,7 +25,7 @@ def open_image(source: Path | np.ndarray, channels: int) -> Image.Image:
             with Image.open(source) as im:
                 im.load()
                 image = im.copy()
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise DatasetError(f"image {source} cannot be decoded ({type(e).__name__}); replace the file "
                                "or set skip_corrupt: true") from None
     return image.convert("L" if channels == 1 else "RGB")

@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine (no GPU needed):
+#   make quickstart   install what is missing, then run the quickstart sweep
+#   make test         install what is missing, then run the test suite (.ci/run runs exactly this)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install quickstart test fashion-mnist
+
+install: $(VENV)/.installed
+
+# torch first, pinned: its CPU wheel is local; an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+fashion-mnist:
+	@test -f $(FMNIST) || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+quickstart: install fashion-mnist
+	$(VENV)/bin/diffsweep run search_spaces/quickstart.yaml
+
+# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+test: install fashion-mnist
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

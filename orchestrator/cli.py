@@ -1,0 +1,227 @@
+"""`diffsweep` command line. Every expected failure ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _overrides(args) -> dict:
+    out = {}
+    for flag, key in (("tracking_uri", "tracking.uri"), ("storage_path", "storage_path"),
+                      ("num_samples", "search.num_samples"), ("seed", "seed"), ("export_dir", "export_dir"),
+                      ("store", "store.path")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def cmd_run(args) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.report import print_summary
+    from orchestrator.sweep import run_sweep
+
+    cfg = load_config(args.space, _overrides(args))
+    outcome = run_sweep(cfg, address=args.address)
+    print_summary(cfg, outcome)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.config import ConfigError, SweepConfig
+    from orchestrator.report import print_summary
+    from orchestrator.sweep import STATE_FILE, absolute, run_sweep
+
+    state_path = Path(absolute(args.storage_path)) / args.name / STATE_FILE
+    if not state_path.is_file():
+        raise ConfigError(f"sweep '{args.name}': no saved sweep at {state_path.parent}; check the name and "
+                          "--storage-path")
+    cfg = SweepConfig.model_validate(json.loads(state_path.read_text())["config"])
+    outcome = run_sweep(cfg, address=args.address, resume=True)
+    print_summary(cfg, outcome)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from orchestrator.report import sweep_status
+
+    print(sweep_status(args.name, args.storage_path, as_json=args.json))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.sweep import fill_store, init_ray, trial_setup, check_datasets
+
+    cfg = load_config(args.space, _overrides(args))
+    check_datasets(cfg)
+    setup = trial_setup(cfg)
+    init_ray(args.address)
+    fill_store(cfg, setup, tuple(args.splits.split(",")))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from orchestrator.predict import evaluate
+
+    print(json.dumps(evaluate(args.config, args.split)))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from orchestrator.predict import predict
+
+    for image, label in predict(args.config, args.images):
+        print(f"{image}\t{label}")
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from orchestrator.blocks_cli import blocks_command
+
+    try:
+        print(blocks_command(args.arch, args.json))
+    except ValueError as e:
+        from orchestrator.config import ConfigError
+        raise ConfigError(f"--arch: {e}") from None
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from trials.datasets import load_dataset
+
+    data = load_dataset(args.name, args.root)
+    print(json.dumps({"name": args.name, "num_classes": data.num_classes, "splits": data.counts()}))
+    return 0
+
+
+def cmd_train_ddpm(args) -> int:
+    from trials.ddpm import DDPMTrainConfig, train_ddpm
+
+    cfg = DDPMTrainConfig(dataset=args.dataset, arch=args.arch, out=args.out, root=args.root, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+                          compile=args.compile)
+    out = train_ddpm(cfg)
+    print(f"checkpoint: {out}  (sidecar {Path(out).with_suffix('.json')})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffsweep", description="Sweep diffusion U-Net features for classification.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def sweep_flags(s):
+        s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); default: local Ray")
+        s.add_argument("--tracking-uri", help="MLflow tracking URI (default from the YAML: sqlite:///mlruns.db)")
+        s.add_argument("--storage-path", help="Ray Tune storage path (shared storage on a cluster)")
+        s.add_argument("--store", help="feature store path or URI")
+        s.add_argument("--num-samples", type=int, help="trials per dataset")
+        s.add_argument("--seed", type=int)
+        s.add_argument("--export-dir")
+
+    s = sub.add_parser("run", help="run a sweep from a YAML search space")
+    s.add_argument("space")
+    sweep_flags(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("resume", help="continue an interrupted sweep")
+    s.add_argument("name")
+    s.add_argument("--storage-path", default="runs/ray")
+    s.add_argument("--address")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("status", help="list the trials of a sweep")
+    s.add_argument("name")
+    s.add_argument("--storage-path", default="runs/ray")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("extract", help="fill the feature store ahead of a sweep")
+    s.add_argument("space")
+    s.add_argument("--splits", default="train,val")
+    sweep_flags(s)
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("evaluate", help="accuracy of an exported config on a dataset split (JSON)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--split", default="test")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="label images with an exported config")
+    s.add_argument("--config", required=True)
+    s.add_argument("images", nargs="+")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("blocks", help="the block table of an architecture (paper numbering)")
+    s.add_argument("--arch", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_blocks)
+
+    s = sub.add_parser("datasets", help="dataset tools")
+    ds = s.add_subparsers(dest="datasets_command", required=True)
+    s = ds.add_parser("inspect", help="class and split counts of a dataset on disk (JSON)")
+    s.add_argument("name")
+    s.add_argument("--root")
+    s.set_defaults(func=cmd_datasets)
+
+    s = sub.add_parser("train-ddpm", help="train the small DDPM backbone")
+    s.add_argument("--dataset", default="fashion_mnist")
+    s.add_argument("--arch", default="adm-28-small")
+    s.add_argument("--out", required=True)
+    s.add_argument("--root")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-every", type=int, default=250)
+    s.add_argument("--compile", action="store_true")
+    s.set_defaults(func=cmd_train_ddpm)
+    return p
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from orchestrator.config import ConfigError
+    from orchestrator.predict import ExportError
+    from orchestrator.tracking import TrackingError
+    from trials.datasets import DatasetError
+    from trials.unet import CheckpointError
+
+    return (ConfigError, DatasetError, CheckpointError, TrackingError, ExportError, PermissionError,
+            FileNotFoundError)
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Ray wraps worker exceptions (RayTaskError, TuneError); find ours underneath."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, expected_errors()):
+            return e
+        inner = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
+    return e
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("diffsweep: interrupted; `diffsweep resume NAME` continues a sweep", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback from deep inside Ray
+        inner = _unwrap(e)
+        if isinstance(inner, expected_errors()):
+            msg = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+            print(f"diffsweep: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

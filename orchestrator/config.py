@@ -1,0 +1,255 @@
+"""The sweep YAML as typed pydantic models, validated before Ray starts.
+
+Every error names the YAML path of the bad field (e.g. `space.t[2]`) and what would fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trials.diffusion import NUM_TIMESTEPS
+from trials.heads import HEADS
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "trials" / "checkpoints" / \
+    "adm-28-small-fashion_mnist.safetensors"
+
+
+class ConfigError(ValueError):
+    """A sweep spec that cannot run; the message is one line naming the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(Strict):
+    """A numeric hyper-parameter: `suggest_float(name, low, high, log=log)`, or `suggest_int` with type: int."""
+
+    low: float
+    high: float
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+
+    @model_validator(mode="after")
+    def _order(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+# A hyper-parameter is a list of choices (suggest_categorical) or a numeric range.
+Param = Union[list[Any], Range]
+
+
+class Checkpoint(Strict):
+    path: str | None = None  # None = the shipped small DDPM
+    arch: str | dict[str, Any] = "adm-28-small"
+    schedule: Literal["linear", "cosine"] = "linear"
+    random_weights: bool = False  # baseline: the same U-Net, untrained (seeded)
+
+
+class DatasetConfig(Strict):
+    name: str
+    root: str | None = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    limit: dict[Literal["train", "val", "test"], int] = {}
+    skip_corrupt: bool = False
+    options: dict[str, Any] = {}
+
+
+class Space(Strict):
+    """The search space; read it as a list of `trial.suggest_*` calls."""
+
+    t: list[int]
+    block: list[int]
+    pool: list[int] = [1]
+    head: dict[str, dict[str, Param]]
+    fusion_maps: list[list[tuple[int, int]]] = []  # for head "fusion": sets of (t, block) maps
+
+    @field_validator("t")
+    @classmethod
+    def _t(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("empty list; give at least one noise step")
+        for i, t in enumerate(v):
+            if not 0 <= t < NUM_TIMESTEPS:
+                raise ValueError(f"[{i}] = {t} is outside the schedule; use 0..{NUM_TIMESTEPS - 1}")
+        return v
+
+    @field_validator("block", "pool")
+    @classmethod
+    def _nonempty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("empty list; give at least one value")
+        return v
+
+    @field_validator("head")
+    @classmethod
+    def _heads(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("no heads; name at least one of " + ", ".join(HEADS))
+        for name in v:
+            if name not in HEADS:
+                raise ValueError(f"unknown head '{name}'; use one of {', '.join(HEADS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fusion(self) -> "Space":
+        if "fusion" in self.head and not self.fusion_maps:
+            raise ValueError("head 'fusion' needs fusion_maps: a list of [[t, block], ...] sets")
+        return self
+
+
+class Asha(Strict):
+    max_t: int = Field(8, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+
+
+class Search(Strict):
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int = 0
+    num_samples: int = Field(12, ge=1)  # trials per dataset (grid: ignored, every config runs once)
+    max_concurrent: int = Field(2, ge=1)
+    metric: Literal["val_acc"] = "val_acc"
+    asha: Asha | None = Asha()
+    warm_start: list[dict[str, Any]] = []
+    optuna_storage: str | None = None  # e.g. sqlite:///optuna.db, to inspect with optuna-dashboard
+
+
+class Training(Strict):
+    recipe: Literal["paper", "adamw"] = "adamw"
+    batch_size: int = Field(128, ge=2)
+
+
+class Resources(Strict):
+    cpu: float = Field(1, ge=0)
+    gpu: float = Field(0, ge=0)
+    extract_cpu: float = Field(0, ge=0)  # 0 lets extraction run beside trials that hold every CPU
+    extract_gpu: float = Field(0, ge=0)
+
+
+class Store(Strict):
+    path: str = "runs/features"
+    max_spatial: int = Field(16, ge=1)
+    shard_size: int = Field(4096, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class Tracking(Strict):
+    # MLflow's own MLFLOW_TRACKING_URI wins over the built-in default (a local sqlite file)
+    uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
+    experiment: str | None = None  # default: the sweep name
+
+
+class SweepConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    noise_seed: int = 0
+    checkpoint: Checkpoint = Checkpoint()
+    datasets: list[DatasetConfig]
+    space: Space
+    search: Search = Search()
+    training: Training = Training()
+    resources: Resources = Resources()
+    store: Store = Store()
+    tracking: Tracking = Tracking()
+    storage_path: str = "runs/ray"
+    export_dir: str = "exported"
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
+        from trials.datasets import REGISTRY
+        if not v:
+            raise ValueError("no datasets; list at least one")
+        for i, d in enumerate(v):
+            if d.name not in REGISTRY:
+                raise ValueError(f"[{i}].name '{d.name}' is not a known dataset; known: {', '.join(REGISTRY)}")
+        names = [d.name for d in v]
+        if len(set(names)) != len(names):
+            raise ValueError("a dataset is listed twice")
+        return v
+
+    @property
+    def epochs(self) -> int:
+        return self.search.asha.max_t if self.search.asha else 8
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def checkpoint_path(self) -> Path | None:
+        if self.checkpoint.random_weights:
+            return None
+        return Path(self.checkpoint.path).expanduser() if self.checkpoint.path else SHIPPED_CHECKPOINT
+
+    def check_blocks(self) -> None:
+        """Blocks must exist in the architecture (needs the U-Net code, so it runs after parsing)."""
+        from trials.blocks import num_blocks
+        try:
+            n = num_blocks(self.checkpoint.arch)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint.arch: {e}") from None
+        for i, b in enumerate(self.space.block):
+            if not 1 <= b <= n:
+                raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "
+                                  "see `diffsweep blocks --arch ...`")
+        for i, maps in enumerate(self.space.fusion_maps):
+            for t, b in maps:
+                if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
+                    raise ConfigError(f"space.fusion_maps[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
+                                      f"block in 1..{n}")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[any]", "Range"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read, parse and validate a sweep YAML; raise ConfigError with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep spec {path}: file not found; pass the path of a YAML file such as "
+                          "search_spaces/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"sweep spec {path}: YAML syntax error{where} ({getattr(e, 'problem', e)}); fix the YAML") \
+            from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep spec {path}: expected a mapping of settings at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = _loc(err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        raise ConfigError(f"sweep spec {path}: {where}: {msg}") from None
+    cfg.check_blocks()
+    return cfg

@@ -1,0 +1,47 @@
+"""The pictures users look at: validation accuracy over (t, block), and CKA matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no screen on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc") -> Path:
+    """Best validation accuracy of any trial at each (t, block) cell; blank where nothing ran."""
+    rows = rows.dropna(subset=["t", "block"])
+    acc = rows.get("best_val_acc", rows["val_acc"]).astype(float)
+    grid = rows.assign(acc=acc).pivot_table(index="t", columns="block", values="acc", aggfunc="max")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(len(grid.columns), 2), 1.0 + 0.5 * max(len(grid.index), 2)))
+    im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(grid.columns)), [str(int(c)) for c in grid.columns])
+    ax.set_yticks(range(len(grid.index)), [str(int(i)) for i in grid.index])
+    ax.set_xlabel("block (paper numbering)")
+    ax.set_ylabel("noise step t")
+    for (i, j), v in np.ndenumerate(grid.values):
+        if not np.isnan(v):
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def matrix_heatmap(matrix: np.ndarray, labels: list[str], path: Path, title: str, cols: list[str] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(cols or labels), 1.2 + 0.45 * len(labels)))
+    im = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols or labels)), cols or labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,66 @@
+"""What the user reads at the end of a sweep, and `diffsweep status`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def print_summary(cfg, outcome) -> None:
+    table = outcome.results
+    counts = table.status.value_counts().to_dict() if len(table) else {}
+    print()
+    print(f"sweep '{cfg.name}': {len(table)} trials "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    header = f"{'dataset':<16} {'t':>5} {'block':>5} {'pool':>4}  {'head':<10} {'val_acc':>8} {'test_acc':>8}"
+    print(header)
+    print("-" * len(header))
+    for dataset, s in outcome.selected.items():
+        pool = "-" if s.get("pool") in (None, "") else s["pool"]
+        print(f"{dataset:<16} {s['t']:>5} {s['block']:>5} {pool!s:>4}  {s['head']:<10} {s['val_acc']:>8.4f} "
+              f"{s['test_acc']:>8.4f}")
+    missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected))
+    for dataset in missing:
+        print(f"{dataset:<16} no trial ran to max_t; raise num_samples or lower asha.reduction_factor")
+    print()
+    print(f"exported: {Path(outcome.export_dir).resolve()}/ (<dataset>.yaml + <dataset>.safetensors, results.parquet)")
+    if outcome.tracking_gaps:
+        print(f"warning: {outcome.tracking_gaps} MLflow call(s) could not be delivered; see the log above")
+    uri = cfg.tracking.uri
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    print(f"inspect:  {ui}   (experiment '{cfg.experiment}', parent run {outcome.parent_run_id})")
+    for dataset, s in outcome.selected.items():
+        print(f"try:      diffsweep evaluate --config {s['yaml']} --split test")
+
+
+def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
+    from ray.tune import ExperimentAnalysis
+
+    from orchestrator.config import ConfigError
+    from orchestrator.sweep import STATE_FILE, absolute
+
+    path = Path(absolute(storage_path)) / name
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"sweep '{name}': nothing at {path}; check the name and --storage-path")
+    max_t = json.loads((path / STATE_FILE).read_text())["config"].get("search", {}).get("asha", {}) or {}
+    max_t = max_t.get("max_t", 8)
+    analysis = ExperimentAnalysis(str(path))
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        best = float(df["val_acc"].max()) if df is not None and "val_acc" in df else None
+        state = trial.status
+        if state == "TERMINATED":
+            state = "COMPLETED" if int(last.get("epoch", 0)) >= max_t else "PRUNED"
+        rows.append({"trial_id": trial.trial_id, "state": state,
+                     "config": {k: v for k, v in trial.config.items()}, "best_val_acc": best,
+                     "epochs": last.get("epoch")})
+    if as_json:
+        return json.dumps(rows, indent=1)
+    lines = [f"{'trial':<14} {'state':<10} {'epochs':>6} {'best_val':>8}  config"]
+    for r in rows:
+        best = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        lines.append(f"{r['trial_id']:<14} {r['state']:<10} {r['epochs'] or 0:>6} {best:>8}  {cfg}")
+    return "\n".join(lines)

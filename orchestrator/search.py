@@ -1,0 +1,167 @@
+"""A Ray Tune searcher holding one Optuna study per dataset.
+
+Why not Tune's OptunaSearch: it keeps one study for the whole sweep (so one dataset's scores would
+steer another dataset's sampler) and tells ASHA-stopped trials to Optuna as COMPLETE with their
+low-fidelity value (which biases TPE towards configs that look good early). Here each dataset has its
+own seeded study, a trial stopped before `max_t` is told as PRUNED (Optuna keeps its last
+intermediate value), an errored trial as FAIL, and only trials that ran to `max_t` as COMPLETE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from orchestrator.config import Range, Space, SweepConfig
+from trials.heads import POOLED_HEADS
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def suggest_config(trial: optuna.Trial, space: Space) -> dict[str, Any]:
+    """Define-by-run: head first, then only the parameters that head uses."""
+    head = trial.suggest_categorical("head", list(space.head))
+    config: dict[str, Any] = {"head": head}
+    if head == "fusion":
+        index = trial.suggest_categorical("fusion.set", list(range(len(space.fusion_maps))))
+        maps = [list(m) for m in space.fusion_maps[index]]
+        config.update({"fusion.maps": maps, "t": maps[0][0], "block": maps[0][1]})
+    else:
+        config["t"] = trial.suggest_categorical("t", space.t)
+        config["block"] = trial.suggest_categorical("block", space.block)
+        if head in POOLED_HEADS:
+            config["pool"] = trial.suggest_categorical("pool", space.pool)
+    for name, spec in space.head[head].items():
+        key = f"{head}.{name}"
+        if isinstance(spec, Range):
+            if spec.type == "int":
+                config[key] = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log)
+            else:
+                config[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+        else:
+            config[key] = trial.suggest_categorical(key, spec)
+    return config
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every configuration of the space, for the exhaustive baseline. Numeric ranges are held at
+    their (geometric, for log ranges) midpoint; categorical lists are enumerated."""
+    points = []
+    for head, params in space.head.items():
+        fixed = {f"{head}.{k}": (math.sqrt(v.low * v.high) if v.log else (v.low + v.high) / 2)
+                 for k, v in params.items() if isinstance(v, Range)}
+        fixed = {k: (round(v) if params[k.split(".", 1)[1]].type == "int" else v) for k, v in fixed.items()}
+        listed = {f"{head}.{k}": v for k, v in params.items() if not isinstance(v, Range)}
+        if head == "fusion":
+            base = [{"fusion.set": i} for i in range(len(space.fusion_maps))]
+        else:
+            pools = space.pool if head in POOLED_HEADS else [None]
+            base = [{"t": t, "block": b, **({"pool": p} if p is not None else {})}
+                    for t, b, p in itertools.product(space.t, space.block, pools)]
+        for b in base:
+            for values in itertools.product(*listed.values()):
+                points.append({"head": head, **b, **dict(zip(listed, values)), **fixed})
+    return points
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    # "grid" enqueues every point (see grid_points), so its sampler only ever replays them.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+class PerDatasetOptunaSearch(Searcher):
+    def __init__(self, cfg: SweepConfig):
+        super().__init__(metric=cfg.search.metric, mode="max")
+        self.space = cfg.space
+        self.max_t = cfg.epochs
+        self.storage = cfg.search.optuna_storage
+        self.sweep = cfg.name
+        self.studies: dict[str, optuna.Study] = {}
+        self.budget: dict[str, int] = {}
+        grid = grid_points(cfg.space) if cfg.search.sampler == "grid" else []
+        for i, d in enumerate(cfg.datasets):
+            study = optuna.create_study(study_name=f"{cfg.name}/{d.name}", storage=self.storage,
+                                        sampler=make_sampler(cfg.search.sampler, cfg.search.seed + i),
+                                        direction="maximize", load_if_exists=True)
+            if not study.trials:  # a fresh study: enqueue warm starts (and the grid) once
+                for point in list(cfg.search.warm_start) + grid:
+                    study.enqueue_trial(point, skip_if_exists=True)
+            self.studies[d.name] = study
+            self.budget[d.name] = len(grid) if grid else cfg.search.num_samples
+        self.asked = {d: 0 for d in self.studies}
+        self.live: dict[str, tuple[str, int]] = {}  # Tune trial id -> (dataset, Optuna trial number)
+        self._handles: dict[str, optuna.Trial] = {}  # not saved: rebuilt from `live` after a restore
+
+    @property
+    def total_budget(self) -> int:
+        return sum(self.budget.values())
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        open_datasets = [d for d in self.studies if self.asked[d] < self.budget[d]]
+        if not open_datasets:
+            return Searcher.FINISHED
+        dataset = min(open_datasets, key=lambda d: self.asked[d])  # round-robin: datasets share the cluster
+        trial = self.studies[dataset].ask()
+        config = suggest_config(trial, self.space)
+        self.asked[dataset] += 1
+        self.live[trial_id] = (dataset, trial.number)
+        self._handles[trial_id] = trial
+        return {"dataset": dataset, **config}
+
+    def _trial(self, trial_id: str) -> tuple[optuna.Study, optuna.Trial] | None:
+        if trial_id not in self.live:
+            return None
+        dataset, number = self.live[trial_id]
+        study = self.studies[dataset]
+        if trial_id not in self._handles:  # after a restore: rebuild the handle of the running trial
+            self._handles[trial_id] = optuna.Trial(study, study.trials[number]._trial_id)
+        return study, self._handles[trial_id]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        found = self._trial(trial_id)
+        if found and self.metric in result:
+            _, trial = found
+            trial.report(float(result[self.metric]), step=int(result["epoch"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        found = self._trial(trial_id)
+        if not found:
+            return
+        study, trial = found
+        self.live.pop(trial_id, None)
+        self._handles.pop(trial_id, None)
+        if study.trials[trial.number].state != TrialState.RUNNING:
+            return
+        if error or not result or self.metric not in result:
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        # Tune hands the final result to on_trial_complete only: record it as the last intermediate value
+        step = int(result.get("epoch", 0))
+        if step not in study.trials[trial.number].intermediate_values:
+            trial.report(float(result[self.metric]), step=step)
+        if step >= self.max_t:
+            study.tell(trial, float(result[self.metric]))
+        else:  # stopped early by ASHA: Optuna keeps its last reported (intermediate) value
+            study.tell(trial, state=TrialState.PRUNED)
+
+    # Tune saves the searcher with every experiment checkpoint; `resume` restores it.
+    def save(self, checkpoint_path: str) -> None:
+        studies = None if self.storage else self.studies  # RDB studies live in their database
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"studies": studies, "asked": self.asked, "live": self.live, "budget": self.budget}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:  # our own file, written by save() above
+            state = pickle.load(f)
+        if state["studies"] is not None:
+            self.studies = state["studies"]
+        self.asked, self.live, self.budget = state["asked"], state["live"], state["budget"]
+        self._handles = {}

@@ -1,0 +1,119 @@
+"""After the sweep: one row per trial, the best config per dataset on validation, test once, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from orchestrator.tracking import trial_status
+
+PARAM_COLUMNS = ("dataset", "head", "t", "block", "pool")
+
+
+def row_config(row: pd.Series) -> dict[str, Any]:
+    """A trial's config back from its results row, as plain Python values (no numpy scalars, no NaN)."""
+    config = json.loads(row["hparams"])
+    for k in PARAM_COLUMNS:
+        v = row[k]
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        config[k] = v.item() if hasattr(v, "item") else v
+    return config
+
+
+def results_table(grid, max_t: int) -> pd.DataFrame:
+    """One row per trial: its config, last/best val_acc, epochs run, status, head size, checkpoint."""
+    rows = []
+    for result in grid:
+        config = dict(result.config or {})
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        best = float(history["val_acc"].max()) if history is not None and "val_acc" in history else None
+        epoch = int(metrics.get("epoch", 0) or 0)
+        rows.append({
+            "trial_id": metrics.get("trial_id") or (result.path and os.path.basename(result.path)),
+            **{k: config.get(k) for k in PARAM_COLUMNS},
+            "hparams": json.dumps({k: v for k, v in config.items() if k not in PARAM_COLUMNS}, sort_keys=True),
+            "val_acc": metrics.get("val_acc"), "best_val_acc": best, "epochs": epoch,
+            "status": trial_status(epoch, max_t, result.error is not None),
+            "head_params": metrics.get("head_params"),
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def select_best(table: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per dataset, among trials that ran to max_t: highest final validation accuracy; ties go to the
+    smaller head, then to the earlier trial. Test accuracy plays no part."""
+    chosen = {}
+    for dataset, rows in table[table.status == "completed"].groupby("dataset"):
+        rows = rows.assign(_order=range(len(rows))).sort_values(["val_acc", "head_params", "_order"],
+                                                                 ascending=[False, True, True])
+        chosen[dataset] = rows.iloc[0]
+    return chosen
+
+
+def restore_trainer(setup, row: pd.Series, arrays):
+    from trials.features import dataset_splits
+    from trials.train_head import HeadTrainer
+    from trials.trainable import head_hparams
+
+    config = row_config(row)
+    num_classes = len(dataset_splits(setup.datasets[row["dataset"]])[0])
+    trainer = HeadTrainer(row["head"], head_hparams(config), arrays, num_classes, setup.recipe, setup.seed)
+    state = torch.load(Path(row["checkpoint"]) / "trainer.pt", map_location="cpu", weights_only=True)
+    trainer.load_state_dict(state)
+    return trainer, config
+
+
+def select_and_export(cfg, setup, grid, parent, callback) -> Any:
+    import ray
+
+    from orchestrator.export import export_selection
+    from orchestrator.plots import accuracy_heatmap
+    from orchestrator.sweep import SweepOutcome
+    from trials.coordinator import get_coordinator
+    from trials.trainable import load_split, trial_maps
+
+    table = results_table(grid, cfg.epochs)
+    chosen = select_best(table)
+    out_dir = Path(cfg.export_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = get_coordinator(cfg.name, setup.store_root, {"num_cpus": 1})
+    selected: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        table_path = Path(tmp) / "results.parquet"
+        table.to_parquet(table_path, index=False)
+        parent.client.log_artifact(parent.run_id, str(table_path))
+        for dataset, rows in table.groupby("dataset"):
+            png = accuracy_heatmap(rows, Path(tmp) / f"{dataset}_t_block_val_acc.png", title=f"{dataset}: best val_acc")
+            parent.client.log_artifact(parent.run_id, str(png), artifact_path="heatmaps")
+            (out_dir / png.name).write_bytes(png.read_bytes())
+        for dataset, row in chosen.items():
+            config = row_config(row)
+            maps = trial_maps(config)
+            test = load_split(setup, dataset, "test", maps, coordinator)  # the test split, once, for the winner
+            trainer, config = restore_trainer(setup, row, test)
+            test_acc = trainer.accuracy(test)
+            run_id = callback.runs.get(row["trial_id"])
+            files = export_selection(cfg, setup, dataset, config, trainer, float(row["val_acc"]), test_acc,
+                                     out_dir, parent.run_id, run_id, int(row["head_params"]))
+            for f in files:
+                parent.client.log_artifact(parent.run_id, str(f), artifact_path=f"exported/{dataset}")
+            parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", float(row["val_acc"]))
+            parent.client.log_metric(parent.run_id, f"{dataset}.test_acc", test_acc)
+            parent.client.set_tag(parent.run_id, f"diffsweep.winner.{dataset}",
+                                  json.dumps({k: config.get(k) for k in ("head", "t", "block", "pool")}))
+            selected[dataset] = {**{k: config.get(k) for k in ("head", "t", "block", "pool")},
+                                 "val_acc": float(row["val_acc"]), "test_acc": test_acc,
+                                 "yaml": str(files[0]), "weights": str(files[1])}
+    table.to_parquet(out_dir / "results.parquet", index=False)
+    from orchestrator.sweep import SweepOutcome  # noqa: F811 - avoid an import cycle at module load
+    return SweepOutcome(table, selected, parent.run_id, out_dir, len(callback.backlog) + callback.lost_calls)

@@ -1,0 +1,26 @@
+"""Small sweep specs for the tests, written into a temporary folder with absolute paths."""
+
+from pathlib import Path
+
+import yaml
+
+
+def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, **search) -> Path:
+    spec = {
+        "name": name,
+        "seed": 0,
+        "datasets": datasets or [{"name": "digits", "val_fraction": 0.15}],
+        "space": {"t": [10, 200], "block": [4, 8], "pool": [1, 2],
+                  "head": heads or {"linear": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+                                    "mlp": {"hidden": [32, 64]}}},
+        "search": {"sampler": "tpe", "num_samples": 6, "max_concurrent": 2,
+                   "asha": {"max_t": 3, "grace_period": 1, "reduction_factor": 3}, **search},
+        "training": {"recipe": "adamw", "batch_size": 64},
+        "store": {"path": str(tmp / "features"), "batch_size": 128},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlruns.db'}"},
+        "storage_path": str(tmp / "ray"),
+        "export_dir": str(tmp / "exported"),
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

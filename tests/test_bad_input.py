@@ -1,0 +1,80 @@
+"""Bad input: one clear line naming the thing and the fix, a non-zero exit, nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.spaces import tiny_space
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def edit(path, change):
+    spec = yaml.safe_load(path.read_text())
+    change(spec)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+CASES = {
+    "missing yaml": (lambda tmp: tmp / "nope.yaml", "file not found"),
+    "yaml syntax": (lambda tmp: write(tmp / "bad.yaml", "name: [unclosed\n"),
+                    "YAML syntax error at line"),
+    "unknown key": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(epochz=3)), "epochz: unknown key"),
+    "wrong type": (lambda tmp: edit(tiny_space(tmp), lambda s: s["search"].update(num_samples="many")),
+                   "search.num_samples"),
+    "t outside schedule": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(t=[10, 5000])),
+                           "space.t: [1] = 5000 is outside the schedule"),
+    "unknown block": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(block=[99])),
+                      "space.block[0] = 99"),
+    "unknown head": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(head={"transformer": {}})),
+                     "unknown head 'transformer'"),
+    "empty space": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(t=[])), "space.t: empty list"),
+    "unknown dataset": (lambda tmp: edit(tiny_space(tmp), lambda s: s["datasets"][0].update(name="mnist")),
+                        "'mnist' is not a known dataset"),
+    "dataset root missing": (lambda tmp: edit(tiny_space(tmp), lambda s: s["datasets"].__setitem__(
+        0, {"name": "cub", "root": str(tmp / "no-such-dir")})), "does not exist"),
+    "checkpoint missing": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
+        checkpoint={"path": str(tmp / "missing.pt"), "arch": "adm-28-small"})), "checkpoint.path"),
+    "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
+        uri="http://127.0.0.1:9")), "unreachable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_sweep_spec_is_refused_in_one_line(case, tmp_path):
+    make, expected = CASES[case]
+    path = make(tmp_path)
+    result = run_cli("run", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffsweep: error: "), result.stderr[-2000:]
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    # nothing half-written: no Tune results, no store, no exports, no MLflow database
+    assert not any((tmp_path / d).exists() for d in ("ray", "features", "exported", "runs", "mlruns.db"))
+
+
+def test_other_commands_refuse_bad_input(tmp_path):
+    (tmp_path / "not-an-image.png").write_text("hello")
+    cases = [
+        (["blocks", "--arch", "adm-999"], "unknown architecture"),
+        (["datasets", "inspect", "cub", "--root", str(tmp_path / "none")], "does not exist"),
+        (["datasets", "inspect", "mnist"], "unknown dataset"),
+        (["evaluate", "--config", str(tmp_path / "x.yaml")], "not found"),
+        (["resume", "nothing-here", "--storage-path", str(tmp_path)], "no saved sweep"),
+    ]
+    for args, expected in cases:
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-1500:])
+        assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, (args, result.stderr)

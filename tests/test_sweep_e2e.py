@@ -1,0 +1,103 @@
+"""The main job end to end on real data, with real Ray, real MLflow and real Optuna (no mocks)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from orchestrator.cli import main
+from tests.conftest import fashion_mnist_available
+from tests.spaces import tiny_space
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    datasets = [{"name": "digits", "val_fraction": 0.15}]
+    if fashion_mnist_available():
+        datasets.append({"name": "fashion_mnist", "limit": {"train": 600, "val": 200, "test": 300}})
+    space = tiny_space(tmp, datasets=datasets)
+    assert main(["run", str(space)]) == 0
+    return tmp, space, [d["name"] for d in datasets]
+
+
+def test_mlflow_has_parent_and_one_child_per_trial(sweep):
+    tmp, _, datasets = sweep
+    client = MlflowClient(f"sqlite:///{tmp / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("diffsweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 6 * len(datasets)
+    statuses = {r.data.tags["diffsweep.status"] for r in children}
+    assert statuses <= {"completed", "pruned", "failed"} and "completed" in statuses
+    assert "pruned" in statuses  # ASHA stopped some trials early
+    for r in children:
+        history = client.get_metric_history(r.info.run_id, "val_acc")
+        epochs = sorted(m.step for m in history)
+        assert epochs == list(range(1, len(epochs) + 1))  # one val_acc per epoch, step = epoch
+        assert (len(epochs) == 3) == (r.data.tags["diffsweep.status"] == "completed")
+    for d in datasets:
+        assert f"{d}.test_acc" in parents[0].data.metrics
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+    assert "results.parquet" in artifacts and "heatmaps" in artifacts
+
+
+def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
+    tmp, space, datasets = sweep
+    from orchestrator.config import load_config
+    import pickle, glob
+    # the searcher's own checkpoint holds the studies (in-memory storage)
+    ckpt = sorted(glob.glob(str(tmp / "ray" / "tiny" / "searcher-state-*.pkl")))
+    assert ckpt, "Tune saved no searcher state"
+    state = pickle.load(open(ckpt[-1], "rb"))
+    studies = state["studies"] if "studies" in state else state["searcher"].studies
+    assert sorted(studies) == sorted(datasets)
+    for study in studies.values():
+        states = [t.state.name for t in study.trials]
+        assert len(states) == 6 and "RUNNING" not in states
+        assert "PRUNED" in states and "COMPLETE" in states
+        for t in study.trials:
+            if t.state.name == "PRUNED":
+                assert t.intermediate_values and max(t.intermediate_values) < 3
+            if t.state.name == "COMPLETE":
+                assert max(t.intermediate_values) == 3
+
+
+def test_export_evaluate_and_predict(sweep, tmp_path):
+    tmp, _, datasets = sweep
+    exported = tmp / "exported"
+    table = pd.read_parquet(exported / "results.parquet")
+    assert {"head_params", "val_acc", "status", "t", "block", "head"} <= set(table.columns)
+    for d in datasets:
+        assert (exported / f"{d}.yaml").is_file() and (exported / f"{d}.safetensors").is_file()
+    import yaml
+    doc = yaml.safe_load((exported / "digits.yaml").read_text())
+    assert doc["selection"]["chosen_on"] == "validation"
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "evaluate", "--config", str(exported / "digits.yaml"),
+                          "--split", "test"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["n"] == doc["selection"]["test_n"]
+    assert result["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
+    image = tmp_path / "digit.png"
+    Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(image)
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--config", str(exported / "digits.yaml"),
+                          str(image)], capture_output=True, text=True, check=True)
+    path, label = out.stdout.strip().split("\t")
+    assert path == str(image) and label in doc["dataset"]["classes"]
+
+
+def test_status_lists_trials(sweep, capsys):
+    tmp, _, datasets = sweep
+    assert main(["status", "tiny", "--storage-path", str(tmp / "ray"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6 * len(datasets)
+    assert {r["state"] for r in rows} <= {"COMPLETED", "PRUNED", "ERROR"}

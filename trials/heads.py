@@ -1,0 +1,149 @@
+"""Classification heads over frozen U-Net feature maps (N, C, H, W) -> class logits.
+
+The paper's heads, with hyper-parameters as keyword arguments so the search space can name them:
+linear (BN probe), mlp, cnn, attention (CLS token + transformer), and fusion (attention over tokens
+of several (t, block) maps at once, the DifFormer idea).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("linear", "mlp", "cnn", "attention", "fusion")
+POOLED_HEADS = ("linear", "mlp")  # heads that read an adaptive-average-pooled p×p map
+
+
+class LinearHead(nn.Module):
+    """Adaptive avg-pool to p×p -> flatten -> BatchNorm1d -> Linear (the paper's linear probe)."""
+
+    def __init__(self, channels: int, spatial: int, num_classes: int, pool: int = 1):
+        super().__init__()
+        dim = channels * min(pool, spatial) ** 2
+        self.pool = min(pool, spatial)
+        self.norm = nn.BatchNorm1d(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(F.adaptive_avg_pool2d(x, self.pool).flatten(1)))
+
+
+class MLPHead(nn.Module):
+    def __init__(self, channels: int, spatial: int, num_classes: int, pool: int = 1, hidden: int = 512,
+                 depth: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.pool = min(pool, spatial)
+        dim = channels * self.pool ** 2
+        layers: list[nn.Module] = [nn.BatchNorm1d(dim)]
+        for i in range(depth):
+            layers += [nn.Linear(dim if i == 0 else hidden, hidden), nn.GELU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(hidden if depth else dim, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(F.adaptive_avg_pool2d(x, self.pool).flatten(1))
+
+
+class CNNHead(nn.Module):
+    """conv3×3 + BN + ReLU layers over the map -> global average pool -> Linear."""
+
+    def __init__(self, channels: int, spatial: int, num_classes: int, width: int = 128, depth: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = [nn.BatchNorm2d(channels)]
+        for i in range(depth):
+            layers += [nn.Conv2d(channels if i == 0 else width, width, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(width if depth else channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.body(x).mean(dim=(2, 3))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block; attention through PyTorch's scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.drop(self.proj(h))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class MapTokens(nn.Module):
+    """A feature map -> tokens: pool to ≤max_tokens_side², LayerNorm over channels, 1×1 projection to
+    width d, plus a learned position embedding."""
+
+    def __init__(self, channels: int, spatial: int, dim: int, max_side: int = 16):
+        super().__init__()
+        self.side = min(spatial, max_side)
+        self.norm = nn.LayerNorm(channels)
+        self.proj = nn.Linear(channels, dim)  # = 1×1 conv on the map
+        self.pos = nn.Parameter(torch.zeros(1, self.side * self.side, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.side:
+            x = F.adaptive_avg_pool2d(x, self.side)
+        return self.proj(self.norm(x.flatten(2).transpose(1, 2))) + self.pos
+
+
+class AttentionHead(nn.Module):
+    """LayerNorm -> 1×1 conv to width d -> CLS token + k transformer blocks -> Linear on CLS."""
+
+    def __init__(self, channels: int | Sequence[int], spatial: int | Sequence[int], num_classes: int,
+                 dim: int = 128, heads: int = 4, depth: int = 2, dropout: float = 0.0):
+        super().__init__()
+        chans = [channels] if isinstance(channels, int) else list(channels)
+        sides = [spatial] if isinstance(spatial, int) else list(spatial)
+        self.tokens = nn.ModuleList(MapTokens(c, s, dim) for c, s in zip(chans, sides))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, dropout=dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        maps = [x] if torch.is_tensor(x) else list(x)
+        tokens = torch.cat([embed(m) for embed, m in zip(self.tokens, maps)], dim=1)
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.fc(self.norm(self.blocks(tokens))[:, 0])
+
+
+class FusionHead(AttentionHead):
+    """The attention head over tokens from several (t, block) maps at once; each map has its own
+    norm, projection and position embedding, so maps of different shapes mix."""
+
+    def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int, **kw: Any):
+        super().__init__(list(channels), list(spatial), num_classes, **kw)
+
+
+def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence[int], num_classes: int,
+               **hparams: Any) -> nn.Module:
+    """Build a head by name. Hyper-parameters that the head does not take are an error."""
+    classes = {"linear": LinearHead, "mlp": MLPHead, "cnn": CNNHead, "attention": AttentionHead,
+               "fusion": FusionHead}
+    if head not in classes:
+        raise ValueError(f"unknown head '{head}'; known: {', '.join(HEADS)}")
+    if head != "fusion" and not isinstance(channels, int):
+        raise ValueError(f"head '{head}' reads one map; use 'fusion' for several")
+    return classes[head](channels, spatial, num_classes, **hparams)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,129 @@
+"""Training a head on stored features: recipes, one epoch, evaluation. No Ray, no MLflow here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trials.heads import build_head
+from trials.store import FeatureArray
+
+OPTIM_PARAMS = ("lr", "weight_decay", "label_smoothing")
+# The paper's learning rates: 1e-2 for the linear probe, 5e-2 for the attention head.
+PAPER_LR = {"linear": 1e-2, "mlp": 1e-2, "cnn": 1e-2, "attention": 5e-2, "fusion": 5e-2}
+ADAMW_LR = {"linear": 1e-3, "mlp": 1e-3, "cnn": 1e-3, "attention": 3e-4, "fusion": 3e-4}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "adamw"  # "paper": SGD m=0.9, step decay ×0.1 every 7 of 28 epochs; "adamw": AdamW + cosine
+    epochs: int = 10
+    batch_size: int = 128
+
+
+def split_hparams(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(head architecture kwargs, optimisation settings)."""
+    head = {k: v for k, v in params.items() if k not in OPTIM_PARAMS}
+    optim = {k: v for k, v in params.items() if k in OPTIM_PARAMS}
+    return head, optim
+
+
+def make_optimizer(model: nn.Module, head: str, recipe: Recipe, optim: dict[str, Any]):
+    wd = float(optim.get("weight_decay", 0.0 if recipe.name == "paper" else 1e-4))
+    if recipe.name == "paper":
+        opt = torch.optim.SGD(model.parameters(), lr=float(optim.get("lr", PAPER_LR[head])), momentum=0.9,
+                              weight_decay=wd)
+        step = max(1, round(recipe.epochs * 7 / 28))  # 7 of 28 epochs, scaled to shorter schedules
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=0.1)
+    elif recipe.name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=float(optim.get("lr", ADAMW_LR[head])), weight_decay=wd)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, recipe.epochs))
+    else:
+        raise ValueError(f"unknown recipe '{recipe.name}'; use 'paper' or 'adamw'")
+    return opt, sched
+
+
+def _batch(arrays: Sequence[FeatureArray], idx: np.ndarray, device: str) -> tuple[list[torch.Tensor], np.ndarray]:
+    idx = np.sort(idx)  # sorted reads walk the memory map forwards
+    return [torch.from_numpy(a.take(idx)).to(device).float() for a in arrays], idx
+
+
+class HeadTrainer:
+    """Owns a head, its optimiser and schedule; `state_dict` round-trips exactly for resumption."""
+
+    def __init__(self, head: str, hparams: dict[str, Any], train: Sequence[FeatureArray], num_classes: int,
+                 recipe: Recipe, seed: int, device: str = "cpu"):
+        self.head_name, self.recipe, self.seed, self.device = head, recipe, seed, device
+        self.train = list(train)
+        head_kw, self.optim = split_hparams(hparams)
+        torch.manual_seed(seed)
+        channels = [a.shape[1] for a in self.train]
+        sides = [a.shape[-1] for a in self.train]
+        one = head != "fusion"
+        self.model = build_head(head, channels[0] if one else channels, sides[0] if one else sides, num_classes,
+                                **head_kw).to(device)
+        self.opt, self.sched = make_optimizer(self.model, head, recipe, self.optim)
+        self.epoch = 0
+        self.labels = torch.from_numpy(self.train[0].labels.astype(np.int64))
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+            return self.model(maps[0] if len(maps) == 1 else maps).float()
+
+    def train_epoch(self) -> float:
+        """One epoch; the batch order and dropout depend only on (seed, epoch), so resuming is exact."""
+        self.model.train()
+        rng = np.random.default_rng([self.seed, self.epoch])
+        torch.manual_seed(self.seed * 100_003 + self.epoch)
+        order = rng.permutation(len(self.labels))
+        total, count = 0.0, 0
+        smoothing = float(self.optim.get("label_smoothing", 0.0))
+        for start in range(0, len(order), self.recipe.batch_size):
+            idx = order[start:start + self.recipe.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            maps, idx = _batch(self.train, idx, self.device)
+            y = self.labels[idx].to(self.device)
+            loss = F.cross_entropy(self.forward(maps), y, label_smoothing=smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        self.sched.step()
+        self.epoch += 1
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, arrays: Sequence[FeatureArray], batch_size: int = 512) -> np.ndarray:
+        self.model.eval()
+        out = []
+        for start in range(0, len(arrays[0]), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(arrays[0])))
+            maps, _ = _batch(arrays, idx, self.device)
+            out.append(self.forward(maps).argmax(1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def accuracy(self, arrays: Sequence[FeatureArray]) -> float:
+        return float((self.predict(arrays) == arrays[0].labels).mean())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.epoch = int(state["epoch"])
+
+    def epochs(self, val: Sequence[FeatureArray]) -> Iterator[dict[str, float]]:
+        """Train to `recipe.epochs`, yielding metrics after each epoch."""
+        while self.epoch < self.recipe.epochs:
+            loss = self.train_epoch()
+            yield {"epoch": self.epoch, "train_loss": loss, "val_acc": self.accuracy(val)}
