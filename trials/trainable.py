@@ -88,7 +88,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(torch.load(os.path.join(d, "trainer.pt"), map_location=device, weights_only=True))
     n_params = param_count(trainer.model)
+    node = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node tests read it)
     for metrics in trainer.epochs(val):
         with tempfile.TemporaryDirectory() as d:
             torch.save(trainer.state_dict(), os.path.join(d, "trainer.pt"))
-            tune.report({**metrics, "head_params": n_params}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, "head_params": n_params, "node_id": node},
+                        checkpoint=tune.Checkpoint.from_directory(d))
