@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=int, default=250)
     s.add_argument("--compile", action="store_true")
     s.set_defaults(func=cmd_train_ddpm)
+
+    from orchestrator.cka_cli import add_cka_parser
+    add_cka_parser(sub)
     return p
 
 
