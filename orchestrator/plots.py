@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +19,9 @@ def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc"
     acc = rows.get("best_val_acc", rows["val_acc"]).astype(float)
     grid = rows.assign(acc=acc).pivot_table(index="t", columns="block", values="acc", aggfunc="max")
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(len(grid.columns), 2), 1.0 + 0.5 * max(len(grid.index), 2)))
-    im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+    with warnings.catch_warnings():  # a single row or column is a fine heatmap
+        warnings.simplefilter("ignore", UserWarning)
+        im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), [str(int(c)) for c in grid.columns])
     ax.set_yticks(range(len(grid.index)), [str(int(i)) for i in grid.index])
     ax.set_xlabel("block (paper numbering)")

@@ -73,7 +73,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune snapshots the experiment after every trial checkpoint (that is what makes `resume` lose
+    # nothing); on a small sweep it warns that this is frequent. It is intended here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
         ray.init(address=address, **kwargs)
@@ -166,7 +168,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=absolute(cfg.storage_path), callbacks=[callback], verbose=0,
         failure_config=tune.FailureConfig(max_failures=3),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        checkpoint_config=tune.CheckpointConfig())
     tune_config = tune.TuneConfig(metric=cfg.search.metric, mode="max", scheduler=scheduler,
                                   search_alg=ConcurrencyLimiter(searcher, cfg.search.max_concurrent),
                                   num_samples=searcher.total_budget)

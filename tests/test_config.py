@@ -1,0 +1,32 @@
+"""The shipped search spaces parse and validate; the YAML reads like suggest_* calls."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.search import grid_points, suggest_config
+
+SPACES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_shipped_spaces_validate(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        config = suggest_config(study.ask(), cfg.space)
+        assert config["head"] in cfg.space.head
+        extra = {k.split(".")[0] for k in config if "." in k}
+        assert extra <= {config["head"]}  # only the chosen head's parameters appear
+
+
+def test_grid_enumerates_every_point():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml")
+    points = grid_points(cfg.space)
+    s = cfg.space
+    expected = len(s.t) * len(s.block) * len(s.pool) * (1 + len(s.head["mlp"]["hidden"]))
+    assert len(points) == expected
+    assert len({tuple(sorted(p.items())) for p in points}) == expected

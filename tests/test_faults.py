@@ -1,0 +1,111 @@
+"""Faults: a killed trial process and a killed driver lose nothing and repeat nothing."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.spaces import tiny_space
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def results(storage: Path, name: str) -> dict[str, list[dict]]:
+    """Every result line Tune wrote, per trial id."""
+    out = {}
+    for path in glob.glob(str(storage / name / "*" / "result.json")):
+        lines = [json.loads(line) for line in open(path) if line.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+def wait_for(predicate, timeout=400, every=0.5):
+    start = time.time()
+    while time.time() - start < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def children(tmp: Path, name: str):
+    client = MlflowClient(f"sqlite:///{tmp / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parent = [r for r in runs if r.data.tags.get("diffsweep.role") == "parent"]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return client, parent, kids
+
+
+def start(args, tmp):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=tmp, env=env,
+                            stdout=open(tmp / "driver.log", "a"), stderr=subprocess.STDOUT)
+
+
+def test_driver_killed_mid_sweep_then_resumed(tmp_path):
+    space = tiny_space(tmp_path, name="drv", num_samples=6)
+    driver = start(["run", str(space)], tmp_path)
+    # kill the driver once at least one trial has finished and another has started
+    wait_for(lambda: sum(len(v) >= 3 for v in results(tmp_path / "ray", "drv").values()) >= 1
+             and len(results(tmp_path / "ray", "drv")) >= 2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = results(tmp_path / "ray", "drv")
+    finished = {t: v for t, v in before.items() if len(v) >= 3}
+    resumed = start(["resume", "drv", "--storage-path", str(tmp_path / "ray")], tmp_path)
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    after = results(tmp_path / "ray", "drv")
+    assert len(after) == 6  # no trial lost
+    for trial_id, lines in finished.items():  # no finished trial ran again
+        assert after[trial_id] == lines
+    for lines in after.values():  # no epoch reported twice
+        epochs = [r["epoch"] for r in lines]
+        assert epochs == sorted(set(epochs))
+    client, parent, kids = children(tmp_path, "drv")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert len(kids) == 6 and len({k.data.tags["diffsweep.trial_id"] for k in kids}) == 6  # no duplicate runs
+    assert all(k.data.tags["diffsweep.status"] in ("completed", "pruned") for k in kids)
+    assert (tmp_path / "exported" / "digits.yaml").is_file()
+
+
+def trial_processes() -> list[int]:
+    """PIDs of running Tune trial workers (Ray titles them ray::ImplicitFunc...)."""
+    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
+    digits = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 600}}]
+    # an attention head: slow enough per epoch that the kill lands between the first and last epoch
+    space = tiny_space(tmp_path, name="wrk", datasets=digits, num_samples=2, max_concurrent=1,
+                       heads={"attention": {"dim": [64], "depth": [2]}},
+                       asha={"max_t": 4, "grace_period": 4, "reduction_factor": 2})
+    driver = start(["run", str(space)], tmp_path)
+    _, _, kids = wait_for(lambda: (lambda c: c if c[2] and any(
+        c[0].get_metric_history(k.info.run_id, "val_acc") for k in c[2]) else None)(children(tmp_path, "wrk")))
+    pids = wait_for(trial_processes)  # a trial is between epochs 1 and 4: kill its process hard
+    os.kill(pids[0], signal.SIGKILL)
+    assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    after = results(tmp_path / "ray", "wrk")
+    assert len(after) == 2
+    killed = [t for t, lines in after.items() if pids[0] in {r["pid"] for r in lines}]
+    assert len(killed) == 1, "the killed process ran none of the trials"
+    lines = after[killed[0]]
+    epochs = [r["epoch"] for r in lines]
+    assert epochs == list(range(1, 5))  # resumed from its checkpoint: no epoch repeated, none lost
+    assert len({r["pid"] for r in lines}) == 2  # and it did run in a second process
+    client, parent, kids = children(tmp_path, "wrk")
+    assert len(kids) == 2 and all(k.data.tags["diffsweep.status"] == "completed" for k in kids)
+    run = next(k for k in kids if k.data.tags["diffsweep.trial_id"] == killed[0])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4]
