@@ -67,6 +67,18 @@ def check_datasets(cfg: SweepConfig) -> None:
         dataset_splits(spec)
 
 
+def check_writable(cfg: SweepConfig) -> None:
+    """Every local output folder must be writable before any compute (URIs are checked by their fs)."""
+    for field, path in (("export_dir", cfg.export_dir), ("storage_path", cfg.storage_path), ("store.path", cfg.store.path)):
+        if _is_uri(path):
+            continue
+        folder = Path(path).expanduser()
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{field}: {folder} is not writable (nearest existing folder: {existing}); "
+                              "choose a folder you can write to")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -135,6 +147,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from trials.trainable import train_trial
 
     check_reachable(cfg.tracking.uri)
+    check_writable(cfg)
     check_datasets(cfg)
     setup = trial_setup(cfg)
     sdir = sweep_dir(cfg)

@@ -46,6 +46,9 @@ CASES = {
         0, {"name": "cub", "root": str(tmp / "no-such-dir")})), "does not exist"),
     "checkpoint missing": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
         checkpoint={"path": str(tmp / "missing.pt"), "arch": "adm-28-small"})), "checkpoint.path"),
+    # a path under a plain file cannot be created, even by root
+    "export dir not writable": (lambda tmp: edit(tiny_space(write(tmp / "a-file", "x").parent), lambda s: s.update(
+        export_dir=str(tmp / "a-file" / "exported"))), "a-file/exported is not writable"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }
@@ -63,6 +66,7 @@ def test_bad_sweep_spec_is_refused_in_one_line(case, tmp_path):
     assert "Traceback" not in result.stderr
     # nothing half-written: no Tune results, no store, no exports, no MLflow database
     assert not any((tmp_path / d).exists() for d in ("ray", "features", "exported", "runs", "mlruns.db"))
+    assert not (tmp_path / "a-file").is_dir()
 
 
 def test_other_commands_refuse_bad_input(tmp_path):
