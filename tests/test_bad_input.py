@@ -6,6 +6,7 @@ import sys
 import pytest
 import yaml
 
+from orchestrator.cli import main
 from tests.spaces import tiny_space
 
 
@@ -55,22 +56,26 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_sweep_spec_is_refused_in_one_line(case, tmp_path):
+def test_bad_sweep_spec_is_refused_in_one_line(case, tmp_path, capsys, monkeypatch):
     make, expected = CASES[case]
     path = make(tmp_path)
-    result = run_cli("run", str(path), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("diffsweep: error: "), result.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path)]) == 2  # in-process: the same entry point as the console script
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffsweep: error: "), err[-2000:]
     assert expected in lines[0]
-    assert "Traceback" not in result.stderr
     # nothing half-written: no Tune results, no store, no exports, no MLflow database
     assert not any((tmp_path / d).exists() for d in ("ray", "features", "exported", "runs", "mlruns.db"))
     assert not (tmp_path / "a-file").is_dir()
 
 
-def test_other_commands_refuse_bad_input(tmp_path):
-    (tmp_path / "not-an-image.png").write_text("hello")
+def test_console_entry_point_prints_one_line_and_exits_2(tmp_path):
+    result = run_cli("run", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_other_commands_refuse_bad_input(tmp_path, capsys):
     cases = [
         (["blocks", "--arch", "adm-999"], "unknown architecture"),
         (["datasets", "inspect", "cub", "--root", str(tmp_path / "none")], "does not exist"),
@@ -79,6 +84,6 @@ def test_other_commands_refuse_bad_input(tmp_path):
         (["resume", "nothing-here", "--storage-path", str(tmp_path)], "no saved sweep"),
     ]
     for args, expected in cases:
-        result = run_cli(*args, cwd=tmp_path)
-        assert result.returncode == 2, (args, result.stderr[-1500:])
-        assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, (args, result.stderr)
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, (args, err)

@@ -93,6 +93,11 @@ def test_export_evaluate_and_predict(sweep, tmp_path):
                           str(image)], capture_output=True, text=True, check=True)
     path, label = out.stdout.strip().split("\t")
     assert path == str(image) and label in doc["dataset"]["classes"]
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--config", str(exported / "digits.yaml"),
+                          str(bogus)], capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "cannot be decoded" in out.stderr
 
 
 def test_status_lists_trials(sweep, capsys):
