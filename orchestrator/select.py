@@ -74,11 +74,9 @@ def restore_trainer(setup, row: pd.Series, arrays):
 
 
 def select_and_export(cfg, setup, grid, parent, callback) -> Any:
-    import ray
-
     from orchestrator.export import export_selection
     from orchestrator.plots import accuracy_heatmap
-    from orchestrator.sweep import SweepOutcome
+    from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
     from trials.trainable import load_split, trial_maps
 
@@ -115,5 +113,4 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
                                  "val_acc": float(row["val_acc"]), "test_acc": test_acc,
                                  "yaml": str(files[0]), "weights": str(files[1])}
     table.to_parquet(out_dir / "results.parquet", index=False)
-    from orchestrator.sweep import SweepOutcome  # noqa: F811 - avoid an import cycle at module load
     return SweepOutcome(table, selected, parent.run_id, out_dir, len(callback.backlog) + callback.lost_calls)

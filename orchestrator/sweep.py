@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from orchestrator.config import ConfigError, SweepConfig
 from trials.features import BackboneSpec, DatasetSpec
@@ -136,7 +134,6 @@ class SweepOutcome:
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False,
               tracking_fallback: bool = False) -> SweepOutcome:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter

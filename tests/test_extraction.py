@@ -4,13 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
-import pytest
 import ray
-import torch
 
 from trials.coordinator import get_coordinator
 from trials.features import BackboneSpec, DatasetSpec, ExtractJob, feature_key, read_features, run_extract_job

@@ -53,8 +53,8 @@ def test_mlflow_has_parent_and_one_child_per_trial(sweep):
 
 def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
     tmp, space, datasets = sweep
-    from orchestrator.config import load_config
-    import pickle, glob
+    import glob
+    import pickle
     # the searcher's own checkpoint holds the studies (in-memory storage)
     ckpt = sorted(glob.glob(str(tmp / "ray" / "tiny" / "searcher-state-*.pkl")))
     assert ckpt, "Tune saved no searcher state"
