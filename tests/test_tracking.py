@@ -1,0 +1,63 @@
+"""MLflow tracking: child runs under the parent, statuses, and no lost metrics when the server blinks."""
+
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Trial
+
+from orchestrator.tracking import MlflowTrialCallback, SweepRun, TrackingError, check_reachable
+
+
+def trial(trial_id):
+    return Trial("train_trial", config={"dataset": "digits", "head": "linear", "t": 10, "block": 4},
+                 trial_id=trial_id, stub=True)
+
+
+def test_unreachable_server_is_refused_before_any_compute():
+    with pytest.raises(TrackingError, match="unreachable"):
+        check_reachable("http://127.0.0.1:9", timeout=2)
+
+
+def test_metrics_survive_a_tracking_outage(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    parent = SweepRun(uri, "outage", "outage")
+    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    a = trial("a1")
+    cb.on_trial_start(0, [], a)
+    cb.on_trial_result(0, [], a, {"epoch": 1, "val_acc": 0.5, "train_loss": 1.0})
+    healthy = cb._client
+    cb._client = MlflowClient("http://127.0.0.1:9")  # the server goes away (a real client, nothing listens)
+    cb.on_trial_result(0, [], a, {"epoch": 2, "val_acc": 0.6, "train_loss": 0.8})
+    cb.on_trial_result(0, [], a, {"epoch": 3, "val_acc": 0.7, "train_loss": 0.6})
+    assert len(cb.backlog) == 2  # buffered, the sweep goes on
+    cb._client = healthy  # it comes back: the next call replays the backlog in order
+    cb.on_trial_complete(0, [], a)
+    assert cb.backlog == []
+    client = MlflowClient(uri)
+    run = client.get_run(cb.runs["a1"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    assert run.data.tags["diffsweep.status"] == "completed" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_pruned_and_failed_statuses_and_no_duplicate_on_resume(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    parent = SweepRun(uri, "st", "st")
+    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    p, f = trial("p1"), trial("f1")
+    for t in (p, f):
+        cb.on_trial_start(0, [], t)
+        cb.on_trial_result(0, [], t, {"epoch": 1, "val_acc": 0.4})
+    cb.on_trial_complete(0, [], p)
+    cb.on_trial_error(0, [], f)
+    # a new driver (resume) finds the trial's own run instead of making another
+    again = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    again.on_trial_start(0, [], p)
+    assert again.runs["p1"] == cb.runs["p1"]
+    client = MlflowClient(uri)
+    tags = {r.data.tags["diffsweep.trial_id"]: r.data.tags["diffsweep.status"]
+            for r in client.search_runs([parent.experiment_id]) if "diffsweep.trial_id" in r.data.tags}
+    assert tags == {"p1": "pruned", "f1": "failed"}
