@@ -106,3 +106,19 @@ def test_status_lists_trials(sweep, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 6 * len(datasets)
     assert {r["state"] for r in rows} <= {"COMPLETED", "PRUNED", "ERROR"}
+
+
+def test_every_head_type_runs_to_completion(ray_local, tmp_path):
+    heads = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
+             "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
+    space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid",
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 500}}],
+                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["space"].update(t=[10], block=[8], pool=[2], fusion_maps=[[[10, 4], [10, 8]]])
+    space.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(space)]) == 0
+    table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
+    assert sorted(table["head"]) == sorted(heads)
+    assert (table["status"] == "completed").all() and (table["head_params"] > 0).all()
