@@ -12,6 +12,9 @@ import yaml
 from safetensors.torch import save_file
 
 
+PACKAGE_PREFIX = "package:trials/checkpoints/"
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -19,6 +22,23 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def portable_checkpoint_path(path: str | None) -> str | None:
+    """The shipped checkpoint is named relative to the package, so an export works from any clone."""
+    from orchestrator.config import SHIPPED_CHECKPOINT
+
+    if path and Path(path).resolve() == SHIPPED_CHECKPOINT.resolve():
+        return f"{PACKAGE_PREFIX}{SHIPPED_CHECKPOINT.name}"
+    return path
+
+
+def resolve_checkpoint_path(path: str) -> Path:
+    from orchestrator.config import SHIPPED_CHECKPOINT
+
+    if path.startswith(PACKAGE_PREFIX):
+        return SHIPPED_CHECKPOINT.parent / path[len(PACKAGE_PREFIX):]
+    return Path(path).expanduser()
 
 
 def export_selection(cfg, setup, dataset: str, config: dict[str, Any], trainer, val_acc: float, test_acc: float,
@@ -35,7 +55,8 @@ def export_selection(cfg, setup, dataset: str, config: dict[str, Any], trainer, 
         "dataset": {"name": dataset, "root": spec.root, "val_fraction": spec.val_fraction,
                     "limit": dict(spec.limits), "options": dict(spec.options), "seed": spec.seed,
                     "num_classes": len(classes), "classes": classes},
-        "checkpoint": {"path": backbone.checkpoint, "sha256": backbone.sha256, "arch": backbone.flags,
+        "checkpoint": {"path": portable_checkpoint_path(backbone.checkpoint), "sha256": backbone.sha256,
+                       "arch": backbone.flags,
                        "schedule": backbone.schedule},
         "features": {"maps": [list(m) for m in trial_maps(config)], "noise_seed": setup.noise_seed,
                      "max_spatial": setup.max_spatial, "preprocessing": preprocessing(backbone.flags),

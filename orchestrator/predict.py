@@ -16,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from orchestrator.export import resolve_checkpoint_path
 from trials.datasets import DatasetError
 from trials.ddpm import sha256_file
 from trials.features import BackboneSpec, DatasetSpec, dataset_splits, extract_batch, load_backbone
@@ -53,12 +54,13 @@ def load_exported(path: str | Path) -> Exported:
     if ck["path"] is None:
         spec = BackboneSpec(tuple(sorted(ck["arch"].items())), None, ck["sha256"], ck["schedule"])
     else:
-        if not Path(ck["path"]).is_file():
-            raise ExportError(f"exported config {path}: checkpoint {ck['path']} not found; restore it at that path")
-        if sha256_file(ck["path"]) != ck["sha256"]:
-            raise ExportError(f"exported config {path}: checkpoint {ck['path']} does not match its sha256; "
+        weights = resolve_checkpoint_path(ck["path"])
+        if not weights.is_file():
+            raise ExportError(f"exported config {path}: checkpoint {weights} not found; restore it at that path")
+        if sha256_file(weights) != ck["sha256"]:
+            raise ExportError(f"exported config {path}: checkpoint {weights} does not match its sha256; "
                               "use the checkpoint the sweep used")
-        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), ck["path"], ck["sha256"], ck["schedule"])
+        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), str(weights), ck["sha256"], ck["schedule"])
     shapes = doc["features"]["shapes"]
     h = doc["head"]
     one = h["type"] != "fusion"

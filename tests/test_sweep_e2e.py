@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sweep(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    datasets = [{"name": "digits", "val_fraction": 0.15}]
+    datasets = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 800}}]
     if fashion_mnist_available():
-        datasets.append({"name": "fashion_mnist", "limit": {"train": 600, "val": 200, "test": 300}})
+        datasets.append({"name": "fashion_mnist", "limit": {"train": 400, "val": 150, "test": 200}})
     space = tiny_space(tmp, datasets=datasets)
     assert main(["run", str(space)]) == 0
     return tmp, space, [d["name"] for d in datasets]
