@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _finish(fig, ax, im, title: str, path: Path) -> Path:
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc") -> Path:
     """Best validation accuracy of any trial at each (t, block) cell; blank where nothing ran."""
     rows = rows.dropna(subset=["t", "block"])
@@ -29,12 +38,7 @@ def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc"
     for (i, j), v in np.ndenumerate(grid.values):
         if not np.isnan(v):
             ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, im, title, path)
 
 
 def matrix_heatmap(matrix: np.ndarray, labels: list[str], path: Path, title: str, cols: list[str] | None = None) -> Path:
@@ -42,9 +46,4 @@ def matrix_heatmap(matrix: np.ndarray, labels: list[str], path: Path, title: str
     im = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
     ax.set_xticks(range(len(cols or labels)), cols or labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, im, title, path)

@@ -7,18 +7,22 @@ import numpy as np
 from trials.datasets.base import DatasetSplits, Sample
 
 
-def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Stratified by class, deterministic for a seed; every class keeps at least one train image."""
+def _stratified_pick(samples: list[Sample], count, seed: int) -> np.ndarray:
+    """Per class, a seeded shuffle of its members and the first `count(n_members)` of them."""
     rng = np.random.default_rng(seed)
-    labels = np.array([s.label for s in train])
-    val_idx: list[int] = []
+    labels = np.array([s.label for s in samples])
+    picked: list[int] = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         rng.shuffle(members)
-        n_val = min(int(round(fraction * len(members))), len(members) - 1)
-        val_idx.extend(members[:n_val].tolist())
+        picked.extend(members[:count(len(members))].tolist())
+    return np.array(sorted(picked), dtype=int)
+
+
+def carve_val(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified by class, deterministic for a seed; every class keeps at least one train image."""
     is_val = np.zeros(len(train), dtype=bool)
-    is_val[val_idx] = True
+    is_val[_stratified_pick(train, lambda n: min(int(round(fraction * n)), n - 1), seed)] = True
     return [s for s, v in zip(train, is_val) if not v], [s for s, v in zip(train, is_val) if v]
 
 
@@ -26,14 +30,8 @@ def subsample(samples: list[Sample], limit: int | None, seed: int) -> list[Sampl
     """A seeded, class-stratified subset of at most `limit` samples (order kept)."""
     if limit is None or len(samples) <= limit:
         return samples
-    rng = np.random.default_rng(seed)
-    labels = np.array([s.label for s in samples])
-    keep: list[int] = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rng.shuffle(members)
-        keep.extend(members[: max(1, round(limit * len(members) / len(samples)))].tolist())
-    return [samples[i] for i in sorted(keep)[:limit]]
+    keep = _stratified_pick(samples, lambda n: max(1, round(limit * n / len(samples))), seed)
+    return [samples[i] for i in keep[:limit]]
 
 
 def sweep_splits(data: DatasetSplits, val_fraction: float, seed: int,
