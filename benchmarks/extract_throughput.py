@@ -1,0 +1,216 @@
+"""Feature-extraction throughput: the paper's full forward + hook vs diffsweep's early-exit capture.
+
+Measured in one run, on the same noisy inputs x_t (built once, outside the timing):
+
+(a) reference, as the paper's code does it: the whole U-Net forward (on CUDA with fp16 weights,
+    `model.half()`; on CPU fp32, since fp16 convolutions there are slow or unsupported), the feature
+    taken by a forward hook on the block's module (`output_blocks.4` for block 24 of adm-256-uncond),
+    then copied to the host.
+(b) diffsweep: `trials.extract.capture_blocks` (stops after the deepest requested block, no output
+    head), on CUDA under bf16 autocast with channels_last weights and inputs, optionally
+    `torch.compile`d (`--compile`), pooled on the device to at most `--max-spatial`, cast to fp16 on
+    the device and copied to the host.
+
+Both end with the feature on the host as fp16, so both pay the same transfer. It prints images/s,
+the ratio (b)/(a), peak GPU memory per path on CUDA, and how close (b)'s features are to (a)'s. It
+also measures multi-block capture (blocks 19, 24, 30 in one pass) against block 30 alone: one pass
+for several blocks should cost what the deepest one costs.
+
+Note: the store fill (`trials.features.extract_batch`) calls capture_blocks without bf16 autocast or
+channels_last today, so on CUDA it gets the early exit but not the mixed-precision part of (b).
+
+--cpu-small (the default without CUDA) runs a small architecture (adm-28-small: blocks 10 for 24,
+and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in a few seconds. The
+>= 8x target is for adm-256-uncond on an H100.
+
+    .venv/bin/python benchmarks/extract_throughput.py --cpu-small
+    python benchmarks/extract_throughput.py --batch 64 --compile            # on a GPU machine
+    python benchmarks/extract_throughput.py --checkpoint 256x256_diffusion_uncond.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import common  # noqa: F401  (puts the checkout on sys.path)
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+
+
+def sync(device: str) -> None:
+    if device == "cuda" and CUDA:
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> int:
+    if device == "cuda" and CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return 0
+
+
+def peak_mb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" and CUDA else None
+
+
+def timed(fn, inputs, warmup: int, iters: int, device: str) -> tuple[float, float, torch.Tensor]:
+    """(images/s, seconds of the first warm-up call, last output)."""
+    t0 = time.perf_counter()
+    out = fn(*inputs[0])
+    sync(device)
+    first = time.perf_counter() - t0
+    for i in range(1, warmup):
+        out = fn(*inputs[i % len(inputs)])
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(iters):
+        out = fn(*inputs[i % len(inputs)])
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return iters * inputs[0][0].shape[0] / seconds, first, out
+
+
+def module_of(model, block: int):
+    from trials.blocks import block_table
+    return model.get_submodule(block_table(model)[block - 1].module)
+
+
+def reference_path(model, block: int, device: str):
+    """The paper's way: full forward, fp16 weights on CUDA, a forward hook grabs the block's output."""
+    ref = copy.deepcopy(model)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    ref = ref.to(device=device, dtype=dtype).eval()
+    grabbed = {}
+    module_of(ref, block).register_forward_hook(lambda m, i, o: grabbed.__setitem__("h", o))
+
+    @torch.no_grad()
+    def run(x, t, y):
+        ref(x.to(dtype), t, y)
+        return grabbed.pop("h").to(torch.float16).cpu()
+    return ref, run
+
+
+def diffsweep_path(model, blocks: list[int], device: str, max_spatial: int, compile_: bool):
+    """capture_blocks: early exit, bf16 autocast + channels_last on CUDA, pooling on the device."""
+    from trials.extract import capture_blocks
+
+    cuda = device == "cuda"
+    model = model.to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+
+    def capture(x, t, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return capture_blocks(model, x, t, blocks, y=y, pool=max_spatial)
+    step = torch.compile(capture) if compile_ else capture
+
+    @torch.no_grad()
+    def run(x, t, y):
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        maps = step(x, t, y)
+        return {b: m.to(torch.float16).cpu() for b, m in maps.items()}
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-small", action="store_true",
+                    help="small architecture on the CPU, batch 16, a few iterations (default without CUDA)")
+    ap.add_argument("--arch", default=None, help="default adm-256-uncond (GPU) / adm-28-small (--cpu-small)")
+    ap.add_argument("--checkpoint", default=None, help="weights file (e.g. 256x256_diffusion_uncond.pt); "
+                                                        "default random weights (seeded)")
+    ap.add_argument("--block", type=int, default=None, help="block to extract (default 24; small: 10)")
+    ap.add_argument("--multi", default=None, help="blocks captured in one pass (default 19,24,30; small: 7,10,12)")
+    ap.add_argument("--t", type=int, default=90, help="noise step (default 90)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 64 on GPU, 16 on CPU)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 GPU, 4 CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 3 GPU, 1 CPU)")
+    ap.add_argument("--max-spatial", type=int, default=16, help="pool maps to at most this side (store default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the capture (warm-up includes compile)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
+    args = ap.parse_args()
+
+    small = args.cpu_small or not CUDA
+    device = "cpu" if small else "cuda"
+    arch = args.arch or ("adm-28-small" if small else "adm-256-uncond")
+    block = args.block or (10 if small else 24)
+    multi = [int(b) for b in (args.multi or ("7,10,12" if small else "19,24,30")).split(",")]
+    batch = args.batch or (16 if small else 64)
+    iters = args.iters or (4 if small else 20)
+    warmup = args.warmup or (1 if small else 3)
+    if device == "cpu":
+        common.set_threads(args.threads or 1)
+
+    from trials.diffusion import q_sample
+    from trials.unet import create_unet, load_checkpoint
+
+    torch.manual_seed(0)
+    model = (load_checkpoint(args.checkpoint, arch) if args.checkpoint else create_unet(arch)).eval()
+    model.requires_grad_(False)
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"extract_throughput: {arch} ({n_params:.0f}M params, {'checkpoint' if args.checkpoint else 'random'} "
+          f"weights), block {block}, t={args.t}, batch {batch}, {iters} timed iterations after {warmup} warm-up, "
+          f"device {gpu}, compile={args.compile}", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(2):
+        x0 = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+        xt = q_sample(x0, args.t, torch.randn(x0.shape, generator=gen)).to(device)
+        t = torch.full((batch,), args.t, dtype=torch.long, device=device)
+        y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device) if cfg.class_cond else None
+        inputs.append((xt, t, y))
+
+    # (a) reference: full forward + hook (its own fp16 copy of the weights on CUDA)
+    reset_peak(device)
+    ref, run_ref = reference_path(model, block, device)
+    ref_ips, _, ref_out = timed(run_ref, inputs, warmup, iters, device)
+    ref_mem = peak_mb(device)
+    del ref, run_ref
+    # (b) diffsweep: early-exit capture (fp32 weights + bf16 autocast on CUDA)
+    reset_peak(device)
+    run_ds = diffsweep_path(model, [block], device, args.max_spatial, args.compile)
+    ds_ips, ds_first, ds_out = timed(run_ds, inputs, warmup, iters, device)
+    ds_mem = peak_mb(device)
+    ds_map = ds_out[block]
+
+    ref_map = ref_out.float()
+    if ref_map.shape[-1] > args.max_spatial:
+        ref_map = F.adaptive_avg_pool2d(ref_map, args.max_spatial)
+    cos = F.cosine_similarity(ref_map.flatten(1), ds_map.float().flatten(1), dim=1).min().item()
+
+    def mem(v):
+        return f", peak GPU memory {v:.0f} MiB (weights included)" if v is not None else ""
+    print(f"(a) reference (full forward, {'fp16' if device == 'cuda' else 'fp32'}, hook): {ref_ips:9.1f} images/s"
+          f"{mem(ref_mem)}")
+    print(f"(b) diffsweep (capture_blocks{', bf16 autocast, channels_last' if device == 'cuda' else ', fp32'}"
+          f"{', compiled' if args.compile else ''}): {ds_ips:9.1f} images/s{mem(ds_mem)}"
+          + (f" (first call incl. compile {ds_first:.1f}s)" if args.compile else ""))
+    print(f"    features of (b) vs (a): min cosine similarity over the batch {cos:.4f}, shape {tuple(ds_map.shape)}")
+
+    # multi-block capture vs the deepest block alone (same path (b))
+    deepest = max(multi)
+    run_one = diffsweep_path(model, [deepest], device, args.max_spatial, args.compile)
+    one_ips, _, _ = timed(run_one, inputs, warmup, iters, device)
+    run_multi = diffsweep_path(model, multi, device, args.max_spatial, args.compile)
+    multi_ips, _, _ = timed(run_multi, inputs, warmup, iters, device)
+    print(f"multi-block capture: blocks {','.join(map(str, multi))} in one pass {multi_ips:9.1f} images/s vs block "
+          f"{deepest} alone {one_ips:9.1f} images/s -> the extra blocks cost {one_ips / multi_ips:.2f}x "
+          f"(one pass; separate passes would cost ~{len(multi)}x)")
+    ratio = ds_ips / ref_ips
+    target = " (target >= 8x on an H100 for adm-256-uncond)" if not small else " (CPU mode: early exit only)"
+    print(f"diffsweep / reference throughput: {ratio:.2f}x{target}")
+    print(f"ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

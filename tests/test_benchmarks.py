@@ -1,0 +1,37 @@
+"""The quick CPU modes of the benchmarks run and end with their `key=value` line. Format only: no
+timing assertions (machines are noisy; the benchmarks print ratios measured in the same run)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+NUMBER = r"-?\d+(\.\d+)?"
+
+
+def last_line(script: str, *args: str, timeout: int = 120) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_extract_throughput_cpu_small():
+    line = last_line("extract_throughput.py", "--cpu-small", "--iters", "2")
+    assert re.fullmatch(rf"ratio={NUMBER}", line), line
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")
+def test_trial_memory_quick():
+    line = last_line("trial_memory.py", "--quick", "--images", "1000", "--epochs", "1")
+    assert re.fullmatch(rf"rss_growth_mb={NUMBER} anon_growth_mb={NUMBER}", line), line
+
+
+@pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
+                                    "search_efficiency.py"])
+def test_help(script):
+    assert "usage:" in subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
+                                      text=True, timeout=60, check=True).stdout
