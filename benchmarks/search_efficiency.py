@@ -7,7 +7,8 @@ Features of the shipped small DDPM (adm-28-small; `--checkpoint` for another fil
   rates), each trained to max_t epochs, exactly as a trial trains (trials.trainable.load_split +
   HeadTrainer + the sweep's recipe and seed);
 - search: the default diffsweep sweep, TPE (orchestrator.search.make_sampler, seeded) + ASHA
-  (max_t 8, grace 1, reduction 2) + 2 concurrent trials, `--num-samples` trials, for several seeds.
+  (max_t 8, grace 1, diffsweep's default reduction factor) + 2 concurrent trials, diffsweep's default
+  number of trials (`--num-samples`), for several seeds.
 
 Per seed it prints the gap between the grid's best validation accuracy and the search's (selected as
 orchestrator.select does: best final val_acc among trials that ran to max_t), in accuracy points,
@@ -45,6 +46,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common  # noqa: F401  (puts the checkout on sys.path)
+from orchestrator.config import Asha, Search  # noqa: E402  (the project's default search settings)
 
 SPACE = {"t": [10, 100, 300], "block": [4, 6, 8, 10], "pool": [1, 2],
          "head": {"linear": {"lr": [0.0003, 0.003]}}}
@@ -162,10 +164,12 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", help="digits (default) or fashion_mnist (then use --limit)")
     ap.add_argument("--limit", type=int, default=None, help="train images (val: limit/4); quick default 600")
     ap.add_argument("--seeds", type=int, default=None, help="search seeds (default 10; quick 5; --ray 3)")
-    ap.add_argument("--num-samples", type=int, default=12, help="trials per search (diffsweep's default, 12)")
+    ap.add_argument("--num-samples", type=int, default=Search().num_samples,
+                    help=f"trials per search (diffsweep's default, {Search().num_samples})")
     ap.add_argument("--max-t", type=int, default=8, help="epochs of a full trial (ASHA max_t; default 8)")
     ap.add_argument("--grace-period", type=int, default=1, help="ASHA grace period (default 1)")
-    ap.add_argument("--reduction-factor", type=float, default=2, help="ASHA reduction factor (default 2)")
+    ap.add_argument("--reduction-factor", type=float, default=Asha().reduction_factor,
+                    help=f"ASHA reduction factor (diffsweep's default, {Asha().reduction_factor:g})")
     ap.add_argument("--max-concurrent", type=int, default=2, help="concurrent trials (default 2)")
     ap.add_argument("--checkpoint", default=None, help="U-Net weights for adm-28-small (default: the shipped one)")
     ap.add_argument("--ray", action="store_true", help="real Ray Tune sweeps via run_sweep (minutes)")

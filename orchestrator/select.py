@@ -44,9 +44,16 @@ def results_table(grid, max_t: int) -> pd.DataFrame:
             "val_acc": metrics.get("val_acc"), "best_val_acc": best, "epochs": epoch,
             "status": trial_status(epoch, max_t, result.error is not None),
             "head_params": metrics.get("head_params"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "checkpoint": _checkpoint_uri(result.checkpoint),
         })
     return pd.DataFrame(rows)
+
+
+def _checkpoint_uri(checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    fs = checkpoint.filesystem
+    return checkpoint.path if fs is None or fs.type_name == "local" else f"{fs.type_name}://{checkpoint.path}"
 
 
 def select_best(table: pd.DataFrame) -> dict[str, pd.Series]:
@@ -68,7 +75,10 @@ def restore_trainer(setup, row: pd.Series, arrays):
     config = row_config(row)
     num_classes = len(dataset_splits(setup.datasets[row["dataset"]])[0])
     trainer = HeadTrainer(row["head"], head_hparams(config), arrays, num_classes, setup.recipe, setup.seed)
-    state = torch.load(Path(row["checkpoint"]) / "trainer.pt", map_location="cpu", weights_only=True)
+    from ray.tune import Checkpoint
+
+    with Checkpoint(row["checkpoint"]).as_directory() as d:  # a local path or a storage URI (s3://, gs://)
+        state = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True)
     trainer.load_state_dict(state)
     return trainer, config
 

@@ -27,6 +27,11 @@ import pyarrow.ipc as ipc
 CHECKSUM = b"diffsweep.checksum"
 
 
+def _checksum(features: np.ndarray) -> bytes:
+    """blake2b of the feature bytes, hashed straight from the buffer (no copy of the array)."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(features)).cast("B"), digest_size=16).hexdigest().encode()
+
+
 class CorruptFeatureFile(RuntimeError):
     """A stored part that fails Arrow validation or its checksum; it must be recomputed."""
 
@@ -142,7 +147,7 @@ class FeatureStore:
         final = self.part_path(key, part, num_parts)
         tmp = f"{final}.{uuid.uuid4().hex}.tmp"
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        footer = {CHECKSUM: hashlib.blake2b(features.tobytes(), digest_size=16).hexdigest().encode()}
+        footer = {CHECKSUM: _checksum(features)}
         with self.fs.open_output_stream(tmp) as sink:
             with ipc.new_file(sink, table.schema, metadata=footer) as writer:
                 writer.write_table(table)
@@ -160,10 +165,13 @@ class FeatureStore:
             reader = ipc.open_file(source)
             table = reader.read_all()
             table.validate(full=verify)
-            features = table.column("features").combine_chunks().to_numpy_ndarray()
+            column = table.column("features")
+            # one chunk (the usual case) is read in place; combine_chunks would copy it out of the map
+            chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            features = chunk.to_numpy_ndarray()
             if verify:
                 want = (reader.metadata or {}).get(CHECKSUM)
-                got = hashlib.blake2b(features.tobytes(), digest_size=16).hexdigest().encode()
+                got = _checksum(features)
                 if want != got:
                     raise CorruptFeatureFile(f"feature file {path}: checksum mismatch")
         except CorruptFeatureFile:
