@@ -1,0 +1,43 @@
+"""The searcher on its own: per-dataset studies, pruned vs complete, optional RDB storage."""
+
+from pathlib import Path
+
+import optuna
+import yaml
+
+from orchestrator.config import load_config
+from orchestrator.search import PerDatasetOptunaSearch
+from tests.spaces import tiny_space
+
+
+def searcher(tmp: Path, **search) -> PerDatasetOptunaSearch:
+    space = tiny_space(tmp, name="srch", datasets=[{"name": "digits"}, {"name": "fashion_mnist"}], **search)
+    return PerDatasetOptunaSearch(load_config(space))
+
+
+def test_studies_live_in_the_optuna_storage_and_record_pruned(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = searcher(tmp_path, optuna_storage=storage, num_samples=2)
+    configs = {tid: s.suggest(tid) for tid in ("a", "b", "c", "d")}
+    assert s.suggest("e") == "FINISHED"
+    assert sorted(c["dataset"] for c in configs.values()) == ["digits", "digits", "fashion_mnist", "fashion_mnist"]
+    for tid in configs:
+        s.on_trial_result(tid, {"epoch": 1, "val_acc": 0.5})
+    s.on_trial_complete("a", {"epoch": 3, "val_acc": 0.9})  # ran to max_t
+    s.on_trial_complete("b", {"epoch": 2, "val_acc": 0.4})  # stopped by ASHA after epoch 2 of 3
+    s.on_trial_complete("c", error=True)
+    names = sorted(optuna.get_all_study_names(storage))
+    assert names == ["srch/digits", "srch/fashion_mnist"]  # one study per dataset, in the database
+    studies = {name: optuna.load_study(study_name=name, storage=storage) for name in names}
+    assert [len(st.trials) for st in studies.values()] == [2, 2]
+    states = sorted(t.state.name for st in studies.values() for t in st.trials)
+    assert states == sorted(["COMPLETE", "PRUNED", "FAIL", "RUNNING"])  # "d" is still running
+    pruned = next(t for st in studies.values() for t in st.trials if t.state.name == "PRUNED")
+    assert pruned.intermediate_values == {1: 0.5, 2: 0.4}  # up to its last (low-fidelity) value
+
+
+def test_warm_start_is_tried_first(tmp_path):
+    s = searcher(tmp_path, warm_start=[{"head": "linear", "t": 200, "block": 8, "pool": 2, "linear.lr": 0.005}])
+    first = s.suggest("x")
+    assert {k: first[k] for k in ("head", "t", "block", "pool", "linear.lr")} == \
+        {"head": "linear", "t": 200, "block": 8, "pool": 2, "linear.lr": 0.005}
