@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import optuna
-import yaml
 
 from orchestrator.config import load_config
 from orchestrator.search import PerDatasetOptunaSearch

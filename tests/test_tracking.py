@@ -1,6 +1,5 @@
 """MLflow tracking: child runs under the parent, statuses, and no lost metrics when the server blinks."""
 
-import os
 
 import pytest
 from mlflow.tracking import MlflowClient
