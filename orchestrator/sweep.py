@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from orchestrator.config import ConfigError, SweepConfig
 from trials.features import BackboneSpec, DatasetSpec
 
