@@ -115,7 +115,20 @@ def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val
                                                    setup.max_spatial, False, cfg.store.shard_size,
                                                    cfg.store.batch_size)
             for d, spec in setup.datasets.items() for s in splits for t, blocks in setup.space_blocks.items()}
-    written = {k: ray.get(r) for k, r in refs.items()}
+    from tqdm import tqdm
+
+    from trials.features import dataset_splits
+
+    sizes = {k: len(dataset_splits(setup.datasets[k[0]])[1][k[1]]) for k in refs}
+    pending = {r: k for k, r in refs.items()}
+    written: dict = {}
+    # progress in images extracted (a group counts when its shards are stored; cached groups count at once)
+    with tqdm(total=sum(sizes.values()), unit="img", desc="features", disable=not progress) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(done[0])
+            written[key] = ray.get(done[0])
+            bar.update(sizes[key])
     if progress:
         n = sum(len(v) for v in written.values())
         print(f"feature store: {n} new key(s) written, {len(refs)} group(s) checked at {setup.store_root}")
