@@ -52,9 +52,10 @@ class DatasetSpec:
 @functools.lru_cache(maxsize=4)
 def load_backbone(spec: BackboneSpec, device: str = "cpu") -> UNetModel:
     arch = spec.arch if isinstance(spec.arch, str) else dict(spec.arch)
-    if spec.checkpoint is None:
-        torch.manual_seed(int(spec.sha256.split(":")[-1]) if spec.sha256.startswith("random:") else 0)
-        model = create_unet(arch)
+    if spec.checkpoint is None:  # the random-weights baseline: seeded, without touching the global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(spec.sha256.split(":")[-1]) if spec.sha256.startswith("random:") else 0)
+            model = create_unet(arch)
     else:
         model = load_checkpoint(spec.checkpoint, arch)
     model = model.to(device).eval().requires_grad_(False)
