@@ -43,9 +43,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train", type=int, default=None, help="train images (seeded stratified subset)")
+    p.add_argument("--heads", default="mlp,cnn", help="heads tried at the linear probe's (t, block); "
+                   "cnn on 28×28 pixels costs minutes per epoch on a CPU")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     n_train, n_test = (3000, 2000) if args.quick else (20000, None)
+    n_train = args.train or n_train
     epochs = args.epochs or (4 if args.quick else 8)
     spec = DatasetSpec("fashion_mnist", None, 0.1, tuple(sorted({"train": n_train, "val": n_train // 5,
                                                                   **({"test": n_test} if n_test else {})}.items())))
@@ -80,6 +84,7 @@ def main() -> None:
             rows.append((name, "linear probe", cfg, val, test))
         # best head: mlp and cnn at each backbone's linear-probe (t, block), chosen on validation
         heads = {"mlp": {"pool": 4, "hidden": 1024, "dropout": 0.2, "lr": 1e-3}, "cnn": {"width": 128, "depth": 2, "lr": 1e-3}}
+        heads = {h: heads[h] for h in args.heads.split(",")}
         for name, runs in results.items():
             best_cfg = max(runs, key=lambda r: r[0])[2]
             data = px if name == "pixels" else arrays(name, best_cfg["t"], best_cfg["block"])

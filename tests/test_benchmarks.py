@@ -31,7 +31,7 @@ def test_trial_memory_quick():
 
 
 @pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
-                                    "search_efficiency.py"])
+                                    "search_efficiency.py", "representation.py"])
 def test_help(script):
     assert "usage:" in subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout
