@@ -49,25 +49,33 @@ class FeatureCoordinator:
     async def ensure(self, backbone: BackboneSpec, dataset: DatasetSpec, split: str, t: int,
                      blocks: tuple[int, ...], noise_seed: int, max_spatial: int, verify: bool = False,
                      shard_size: int = 4096, batch_size: int = 256) -> list[str]:
-        """Return once every (block) key of the group is in the store; extract it at most once."""
+        """Return once every (block) key of the group is in the store; extract it at most once.
+
+        Returns the keys this call's own extraction wrote ([] when they were stored already, or
+        when another caller's extraction stored them while this one waited)."""
         group = f"{dataset.name}/{split}/t{t}/{noise_seed}/{backbone.sha256}"
-        refs = self.inflight.get(group)
-        if refs is None:
-            probe = ExtractJob(backbone, dataset, split, t, tuple(blocks), noise_seed, max_spatial)
-            missing = missing_blocks(probe, self.store, verify)
-            if not missing:
-                return []
-            jobs = shard_jobs(backbone, dataset, split, t, tuple(missing), noise_seed, self.store_root,
-                              max_spatial, shard_size, batch_size)
-            refs = [extract_task.options(**self.task_options).remote(job) for job in jobs]
-            self.inflight[group] = refs
-            self.launches[group] = self.launches.get(group, 0) + 1
-        try:
-            stats = [await ref for ref in refs]
-        finally:
-            if self.inflight.get(group) is refs:
-                del self.inflight[group]
-        return [k for s in stats for k in s.keys]
+        while True:
+            refs = self.inflight.get(group)
+            mine = refs is None
+            if mine:
+                probe = ExtractJob(backbone, dataset, split, t, tuple(blocks), noise_seed, max_spatial)
+                missing = missing_blocks(probe, self.store, verify)
+                if not missing:
+                    return []
+                jobs = shard_jobs(backbone, dataset, split, t, tuple(missing), noise_seed, self.store_root,
+                                  max_spatial, shard_size, batch_size)
+                refs = [extract_task.options(**self.task_options).remote(job) for job in jobs]
+                self.inflight[group] = refs
+                self.launches[group] = self.launches.get(group, 0) + 1
+            try:
+                stats = [await ref for ref in refs]
+            finally:
+                if self.inflight.get(group) is refs:
+                    del self.inflight[group]
+            if mine:
+                return [k for s in stats for k in s.keys]
+            # someone else's extraction of this group finished: it may have covered other blocks, so
+            # look again (a second pass finds nothing missing when it covered ours)
 
     def launch_counts(self) -> dict[str, int]:
         return dict(self.launches)
