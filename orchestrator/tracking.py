@@ -78,6 +78,7 @@ class MlflowTrialCallback(Callback):
         self.uri, self.experiment_id, self.parent_run_id, self.max_t = uri, experiment_id, parent_run_id, max_t
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.last: dict[str, dict] = {}
+        self.where: dict[str, dict] = {}
         self.backlog: list[tuple[str, tuple, dict]] = []
         self.lost_calls = 0
         self.on_done = on_done
@@ -140,7 +141,11 @@ class MlflowTrialCallback(Callback):
         step = int(result.get("epoch", 0))
         metrics = [Metric(k, float(result[k]), int(result.get("timestamp", 0)) * 1000, step)
                    for k in ("val_acc", "train_loss") if k in result]
-        self._call("log_batch", run_id, metrics=metrics)
+        # where the trial runs now (it changes when a failed trial is restarted elsewhere)
+        where = {f"diffsweep.{k}": str(result[k]) for k in ("hostname", "node_id", "pid") if k in result}
+        tags = [RunTag(k, v) for k, v in where.items()] if where != self.where.get(trial.trial_id) else []
+        self.where[trial.trial_id] = where
+        self._call("log_batch", run_id, metrics=metrics, tags=tags)
 
     def _finish(self, trial, errored: bool) -> None:
         run_id = self._run_for(trial)

@@ -80,12 +80,6 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path):
     assert (tmp_path / "exported" / "digits.yaml").is_file()
 
 
-def trial_processes() -> list[int]:
-    """PIDs of running Tune trial workers (Ray titles them ray::ImplicitFunc...)."""
-    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
     digits = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 600}}]
     # an attention head: slow enough per epoch that the kill lands between the first and last epoch
@@ -93,14 +87,22 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
                        heads={"attention": {"dim": [64], "depth": [2]}},
                        asha={"max_t": 4, "grace_period": 4, "reduction_factor": 2})
     driver = start(["run", str(space)], tmp_path)
-    _, _, kids = wait_for(lambda: (lambda c: c if c[2] and any(
-        c[0].get_metric_history(k.info.run_id, "val_acc") for k in c[2]) else None)(children(tmp_path, "wrk")))
-    pids = wait_for(trial_processes)  # a trial is between epochs 1 and 4: kill its process hard
-    os.kill(pids[0], signal.SIGKILL)
+
+    def early_trial():
+        """A trial that has logged epoch 1 or 2 of 4 to MLflow: the process that logged it."""
+        client, _, kids = children(tmp_path, "wrk")
+        for k in kids:
+            steps = [m.step for m in client.get_metric_history(k.info.run_id, "val_acc")]
+            if 1 <= len(steps) <= 2 and "diffsweep.pid" in k.data.tags:
+                return int(k.data.tags["diffsweep.pid"])
+        return None
+
+    victim = wait_for(early_trial, every=0.2)
+    os.kill(victim, signal.SIGKILL)
     assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
     assert len(after) == 2
-    killed = [t for t, lines in after.items() if pids[0] in {r["pid"] for r in lines}]
+    killed = [t for t, lines in after.items() if victim in {r["pid"] for r in lines}]
     assert len(killed) == 1, "the killed process ran none of the trials"
     lines = after[killed[0]]
     epochs = [r["epoch"] for r in lines]
