@@ -20,8 +20,9 @@ from orchestrator.export import resolve_checkpoint_path
 from trials.datasets import DatasetError
 from trials.ddpm import sha256_file
 from trials.features import BackboneSpec, DatasetSpec, dataset_splits, extract_batch, load_backbone
-from trials.heads import build_head
+from trials.heads import build_head_for_maps
 from trials.store import FeatureArray
+from trials.train_head import split_hparams
 from trials.unet import CheckpointError
 
 
@@ -61,14 +62,9 @@ def load_exported(path: str | Path) -> Exported:
             raise ExportError(f"exported config {path}: checkpoint {weights} does not match its sha256; "
                               "use the checkpoint the sweep used")
         spec = BackboneSpec(tuple(sorted(ck["arch"].items())), str(weights), ck["sha256"], ck["schedule"])
-    shapes = doc["features"]["shapes"]
     h = doc["head"]
-    one = h["type"] != "fusion"
-    channels = [s[0] for s in shapes]
-    sides = [s[-1] for s in shapes]
-    head = build_head(h["type"], channels[0] if one else channels, sides[0] if one else sides,
-                      doc["dataset"]["num_classes"], **{k: v for k, v in h["hparams"].items()
-                                                        if k not in ("lr", "weight_decay", "label_smoothing")})
+    head_kw, _ = split_hparams(h["hparams"])  # optimisation settings do not shape the head
+    head = build_head_for_maps(h["type"], doc["features"]["shapes"], doc["dataset"]["num_classes"], **head_kw)
     weights = path.with_suffix(".safetensors")
     if not weights.is_file():
         raise ExportError(f"exported config {path}: head weights {weights} missing; export the sweep again")

@@ -37,6 +37,7 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
     from ray.tune import ExperimentAnalysis
 
     from orchestrator.config import ConfigError
+    from orchestrator.tracking import trial_status
     from orchestrator.sweep import STATE_FILE, absolute
 
     path = Path(absolute(storage_path)) / name
@@ -51,8 +52,8 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
         df = analysis.trial_dataframes.get(trial.trial_id)
         best = float(df["val_acc"].max()) if df is not None and "val_acc" in df else None
         state = trial.status
-        if state == "TERMINATED":
-            state = "COMPLETED" if int(last.get("epoch", 0)) >= max_t else "PRUNED"
+        if state == "TERMINATED":  # Tune says terminated; ASHA-stopped and finished trials differ by epochs
+            state = trial_status(int(last.get("epoch", 0)), max_t, errored=False).upper()
         rows.append({"trial_id": trial.trial_id, "state": state,
                      "config": {k: v for k, v in trial.config.items()}, "best_val_acc": best,
                      "epochs": last.get("epoch")})

@@ -145,5 +145,14 @@ def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence
     return classes[head](channels, spatial, num_classes, **hparams)
 
 
+def build_head_for_maps(head: str, shapes: Sequence[Sequence[int]], num_classes: int, **hparams: Any) -> nn.Module:
+    """Build a head for feature maps of the given (C, H, W) shapes: one map, or several for fusion."""
+    channels = [int(s[0]) for s in shapes]
+    sides = [int(s[-1]) for s in shapes]
+    if head == "fusion":
+        return build_head(head, channels, sides, num_classes, **hparams)
+    return build_head(head, channels[0], sides[0], num_classes, **hparams)
+
+
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

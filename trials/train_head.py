@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trials.heads import build_head
+from trials.heads import build_head_for_maps
 from trials.store import FeatureArray
 
 OPTIM_PARAMS = ("lr", "weight_decay", "label_smoothing")
@@ -62,11 +62,7 @@ class HeadTrainer:
         self.train = list(train)
         head_kw, self.optim = split_hparams(hparams)
         torch.manual_seed(seed)
-        channels = [a.shape[1] for a in self.train]
-        sides = [a.shape[-1] for a in self.train]
-        one = head != "fusion"
-        self.model = build_head(head, channels[0] if one else channels, sides[0] if one else sides, num_classes,
-                                **head_kw).to(device)
+        self.model = build_head_for_maps(head, [a.shape[1:] for a in self.train], num_classes, **head_kw).to(device)
         self.opt, self.sched = make_optimizer(self.model, head, recipe, self.optim)
         self.epoch = 0
         self.labels = torch.from_numpy(self.train[0].labels.astype(np.int64))
