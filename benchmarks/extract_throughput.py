@@ -80,11 +80,15 @@ def module_of(model, block: int):
     return model.get_submodule(block_table(model)[block - 1].module)
 
 
-def reference_path(model, block: int, device: str):
-    """The paper's way: full forward, fp16 weights on CUDA, a forward hook grabs the block's output."""
-    ref = copy.deepcopy(model)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    ref = ref.to(device=device, dtype=dtype).eval()
+def reference_path(model, block: int, device: str, dtype: torch.dtype | None = None):
+    """The paper's way: full forward, a forward hook grabs the block's output. On CUDA the weights
+    are fp16 as guided-diffusion's `use_fp16` makes them: convolutions in fp16, the time-embedding
+    linears and the GroupNorms (computed in fp32) left in fp32, the input cast to fp16."""
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    ref = copy.deepcopy(model).to(device).eval()
+    for m in ref.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            m.to(dtype)
     grabbed = {}
     module_of(ref, block).register_forward_hook(lambda m, i, o: grabbed.__setitem__("h", o))
 
@@ -95,27 +99,12 @@ def reference_path(model, block: int, device: str):
     return ref, run
 
 
-def diffsweep_path(model, blocks: list[int], device: str, max_spatial: int, compile_: bool):
-    """capture_blocks: early exit, bf16 autocast + channels_last on CUDA, pooling on the device."""
-    from trials.extract import capture_blocks
+def diffsweep_path(model, blocks: list[int], device: str, max_spatial: int, compile_: bool | str):
+    """trials.extract.DeviceCapture, the path the store fill uses: early exit, bf16 autocast +
+    channels_last on CUDA, pooling and the fp16 cast on the device."""
+    from trials.extract import DeviceCapture
 
-    cuda = device == "cuda"
-    model = model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-
-    def capture(x, t, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            return capture_blocks(model, x, t, blocks, y=y, pool=max_spatial)
-    step = torch.compile(capture) if compile_ else capture
-
-    @torch.no_grad()
-    def run(x, t, y):
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        maps = step(x, t, y)
-        return {b: m.to(torch.float16).cpu() for b, m in maps.items()}
-    return run
+    return DeviceCapture(model.to(device), blocks, pool=max_spatial, compile=compile_)
 
 
 def main() -> None:
@@ -133,7 +122,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 GPU, 4 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 3 GPU, 1 CPU)")
     ap.add_argument("--max-spatial", type=int, default=16, help="pool maps to at most this side (store default)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the capture (warm-up includes compile)")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="torch.compile the capture, optionally with a mode (reduce-overhead = CUDA graphs); "
+                         "the warm-up includes the compile")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
     args = ap.parse_args()
 
@@ -192,19 +183,25 @@ def main() -> None:
         return f", peak GPU memory {v:.0f} MiB (weights included)" if v is not None else ""
     print(f"(a) reference (full forward, {'fp16' if device == 'cuda' else 'fp32'}, hook): {ref_ips:9.1f} images/s"
           f"{mem(ref_mem)}")
-    print(f"(b) diffsweep (capture_blocks{', bf16 autocast, channels_last' if device == 'cuda' else ', fp32'}"
+    print(f"(b) diffsweep (capture_blocks{', bf16 autocast, channels_last, cuDNN autotune' if device == 'cuda' else ', fp32'}"
           f"{', compiled' if args.compile else ''}): {ds_ips:9.1f} images/s{mem(ds_mem)}"
           + (f" (first call incl. compile {ds_first:.1f}s)" if args.compile else ""))
     print(f"    features of (b) vs (a): min cosine similarity over the batch {cos:.4f}, shape {tuple(ds_map.shape)}")
 
-    # multi-block capture vs the deepest block alone (same path (b))
+    if args.compile:  # what the compile buys: the same path in eager mode
+        eager_ips, _, _ = timed(diffsweep_path(model, [block], device, args.max_spatial, False), inputs, warmup,
+                                iters, device)
+        print(f"    (b) in eager mode: {eager_ips:9.1f} images/s -> torch.compile gives {ds_ips / eager_ips:.2f}x")
+
+    # multi-block capture vs the deepest block alone, both eager (each compiled variant is another
+    # graph to compile, minutes on the big model; the comparison is the same in either mode)
     deepest = max(multi)
-    run_one = diffsweep_path(model, [deepest], device, args.max_spatial, args.compile)
-    one_ips, _, _ = timed(run_one, inputs, warmup, iters, device)
-    run_multi = diffsweep_path(model, multi, device, args.max_spatial, args.compile)
-    multi_ips, _, _ = timed(run_multi, inputs, warmup, iters, device)
-    print(f"multi-block capture: blocks {','.join(map(str, multi))} in one pass {multi_ips:9.1f} images/s vs block "
-          f"{deepest} alone {one_ips:9.1f} images/s -> the extra blocks cost {one_ips / multi_ips:.2f}x "
+    one_ips, _, _ = timed(diffsweep_path(model, [deepest], device, args.max_spatial, False), inputs, warmup,
+                          iters, device)
+    multi_ips, _, _ = timed(diffsweep_path(model, multi, device, args.max_spatial, False), inputs, warmup,
+                            iters, device)
+    print(f"multi-block capture (eager): blocks {','.join(map(str, multi))} in one pass {multi_ips:9.1f} images/s "
+          f"vs block {deepest} alone {one_ips:9.1f} images/s -> the extra blocks cost {one_ips / multi_ips:.2f}x "
           f"(one pass; separate passes would cost ~{len(multi)}x)")
     ratio = ds_ips / ref_ips
     target = " (target >= 8x on an H100 for adm-256-uncond)" if not small else " (CPU mode: early exit only)"

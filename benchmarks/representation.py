@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train", type=int, default=None, help="train images (seeded stratified subset)")
+    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="adm-28-small DDPM weights (default: shipped)")
     p.add_argument("--heads", default="mlp,cnn", help="heads tried at the linear probe's (t, block); "
                    "cnn on 28×28 pixels costs minutes per epoch on a CPU")
     args = p.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
                                                                   **({"test": n_test} if n_test else {})}.items())))
     ts, blocks, pools = [10, 50, 150], [6, 8, 9, 10], [1, 2, 4]
     backbones = {
-        "ddpm": BackboneSpec("adm-28-small", str(SHIPPED_CHECKPOINT), sha256_file(SHIPPED_CHECKPOINT)),
+        "ddpm": BackboneSpec("adm-28-small", args.checkpoint, sha256_file(args.checkpoint)),
         "random": BackboneSpec("adm-28-small", None, "random:0"),
     }
     rows = []

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from orchestrator.blocks_cli import blocks_command
 from trials.blocks import block_table
 from trials.diffusion import seeded_noise
-from trials.extract import capture_blocks
+from trials.extract import DeviceCapture, capture_blocks
 from trials.unet import ARCHITECTURES, CheckpointError, create_unet, load_checkpoint, make_config
 
 torch.set_num_threads(1)
@@ -346,6 +346,35 @@ def test_capture_blocks_pooling(pool):
         expected = F.adaptive_avg_pool2d(full[b - 1], pool) if side > pool else full[b - 1]
         assert got[b].shape[-1] == min(side, pool)
         torch.testing.assert_close(got[b], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_device_capture_returns_the_pooled_maps_as_fp16_on_the_host(compiled):
+    torch.manual_seed(6)
+    model = create_unet("adm-28-small").eval()
+    x, t, y = _inputs("adm-28-small")
+    with torch.no_grad():
+        expected = capture_blocks(model, x, t, [4, 10], pool=4)
+    got = DeviceCapture(model, [4, 10], pool=4, compile=compiled)(x, t)
+    assert sorted(got) == [4, 10]
+    for b in (4, 10):
+        assert got[b].dtype == torch.float16 and got[b].device.type == "cpu"
+        torch.testing.assert_close(got[b], expected[b].to(torch.float16), rtol=2e-3, atol=2e-3)
+
+
+def test_bf16_autocast_capture_is_within_bf16_tolerance_of_fp32():
+    # the CUDA fast path runs under bf16 autocast; the same numerics on the CPU
+    torch.manual_seed(7)
+    model = create_unet("adm-32-small").eval()
+    x, t, y = _inputs("adm-32-small")
+    blocks = list(range(1, len(model.blocks()) + 1))
+    with torch.no_grad():
+        ref = capture_blocks(model, x, t, blocks, y=y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = capture_blocks(model, x, t, blocks, y=y)
+    for b in blocks:
+        err = (low[b].float() - ref[b]).norm() / ref[b].norm()
+        assert err < 3e-2, f"block {b}: relative error {err:.3g}"
 
 
 def test_capture_blocks_rejects_out_of_range():

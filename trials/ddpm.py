@@ -39,6 +39,7 @@ class DDPMTrainConfig:
     save_every: int = 250
     samples: int = 64  # images in the PNG grid written with each checkpoint (0 = none)
     compile: bool = False  # torch.compile; worth it on GPU
+    max_minutes: float | None = None  # stop (with a checkpoint) once this much training time has passed
 
 
 def sha256_file(path: str | Path) -> str:
@@ -91,6 +92,8 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
 
 def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: float, losses: list[float]) -> Path:
+    """EMA weights (safetensors), the sidecar, and the resume state. `command` in the sidecar is the
+    invocation that reproduces exactly these `step` steps (a time-limited run records where it stopped)."""
     from safetensors.torch import save_file
 
     out = Path(cfg.out)
@@ -105,8 +108,9 @@ def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: f
         "diffusion_steps": NUM_TIMESTEPS, "dataset": cfg.dataset, "steps": step, "batch_size": cfg.batch_size,
         "seed": cfg.seed, "sha256": sha256_file(out), "train_seconds": round(seconds, 1), "hardware": device,
         "final_loss": float(np.mean(losses[-50:])) if losses else None, "weights": "ema",
-        "command": f"diffsweep train-ddpm --dataset {cfg.dataset} --arch {cfg.arch} --steps {cfg.steps} "
-                   f"--batch-size {cfg.batch_size} --seed {cfg.seed} --out {cfg.out}",
+        "command": f"diffsweep train-ddpm --dataset {cfg.dataset} --arch {cfg.arch} --steps {step} "
+                   f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --seed {cfg.seed}"
+                   f"{' --compile' if cfg.compile else ''} --out {cfg.out}",
         "train_config": asdict(cfg),
     }
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
@@ -132,17 +136,22 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, seconds, losses = state["step"], state["seconds"], list(state["losses"])
-    images = _training_images(cfg, ucfg.image_size, ucfg.in_channels)
+    # The whole train split lives on the device (47 MB for Fashion-MNIST) and batches, steps and
+    # noise are drawn there: a GPU step then never waits on the host.
+    images = _training_images(cfg, ucfg.image_size, ucfg.in_channels).to(device)
     abar = torch.as_tensor(alphas_cumprod(cfg.schedule), dtype=torch.float32, device=device)
     forward = torch.compile(model) if cfg.compile else model
-    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step)  # resumed runs draw fresh batches
+    gen = torch.Generator(device).manual_seed(cfg.seed * 100003 + step)  # resumed runs draw fresh batches
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    pending: list[torch.Tensor] = []  # losses still on the device: read them in bulk, not once per step
+    deadline = seconds + 60 * cfg.max_minutes if cfg.max_minutes else float("inf")
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x0 = (images[idx].float() / 127.5 - 1).to(device).contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch_size,), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+    t0 = time.perf_counter()
+    while step < cfg.steps and seconds + time.perf_counter() - t0 < deadline:
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen, device=device)
+        x0 = (images[idx].float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch_size,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
@@ -152,21 +161,29 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
             loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model_params, 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - cfg.ema_decay)
         step += 1
+        pending.append(loss.detach())
+        if len(pending) == 50 or step % cfg.save_every == 0 or step == cfg.steps:
+            losses.extend(torch.stack(pending).tolist())  # one device sync per 50 steps
+            pending.clear()
+            now = time.perf_counter()
+            seconds, t0 = seconds + now - t0, now
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}",
+                            img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
+        if step % cfg.save_every == 0:
+            save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+    if pending:
+        losses.extend(torch.stack(pending).tolist())
         seconds += time.perf_counter() - t0
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+    bar.update(step - bar.n)
     bar.close()
-    out = Path(cfg.out)
+    out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
     if cfg.samples:
-        save_grid(ddim_sample(ema.cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
+        save_grid(ddim_sample(copy.deepcopy(ema).cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
                   out.with_suffix(".samples.png"))
     return out

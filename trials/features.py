@@ -19,7 +19,7 @@ from trials.datasets import Sample, load_dataset
 from trials.datasets.preprocess import iter_batches
 from trials.datasets.splits import sweep_splits
 from trials.diffusion import q_sample, seeded_noise
-from trials.extract import capture_blocks
+from trials.extract import DeviceCapture
 from trials.store import FeatureArray, FeatureKey, FeatureStore, files_digest
 from trials.unet import UNetModel, create_unet, load_checkpoint, make_config
 
@@ -95,12 +95,8 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
     x = x.to(device, non_blocking=True)
     noise = seeded_noise(tuple(x.shape[1:]), noise_seed, image_ids, t, device=device)
     xt = q_sample(x, t, noise, schedule)
-    on_gpu = device.type == "cuda"
-    if on_gpu:  # the GPU fast path: channels-last activations, bf16 autocast (features are stored in fp16)
-        xt = xt.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_gpu):
-        maps = capture_blocks(model, xt, t, blocks, y=y, pool=max_spatial)
-    return {b: m.float().cpu().numpy().astype(np.float16) for b, m in maps.items()}
+    maps = DeviceCapture(model, blocks, pool=max_spatial)(xt, t, y=y)  # the CUDA fast path when on a GPU
+    return {b: m.numpy() for b, m in maps.items()}
 
 
 @dataclass(frozen=True)
