@@ -2,12 +2,12 @@
 
 Measured in one run, on the same noisy inputs x_t (built once, outside the timing):
 
-(a) reference, as the paper's code does it: the whole U-Net forward (on CUDA with fp16 weights,
-    `model.half()`; on CPU fp32, since fp16 convolutions there are slow or unsupported), the feature
+(a) reference, as the paper's code does it: the whole U-Net forward (on CUDA with fp16
+    convolutions, as guided-diffusion's `use_fp16` converts them; on CPU fp32), the feature
     taken by a forward hook on the block's module (`output_blocks.4` for block 24 of adm-256-uncond),
     then copied to the host.
 (b) diffsweep: `trials.extract.capture_blocks` (stops after the deepest requested block, no output
-    head), on CUDA under bf16 autocast with channels_last weights and inputs, optionally
+    head), on CUDA under bf16 autocast with channels_last weights and inputs and cuDNN autotune, optionally
     `torch.compile`d (`--compile`), pooled on the device to at most `--max-spatial`, cast to fp16 on
     the device and copied to the host.
 
@@ -16,8 +16,9 @@ the ratio (b)/(a), peak GPU memory per path on CUDA, and how close (b)'s feature
 also measures multi-block capture (blocks 19, 24, 30 in one pass) against block 30 alone: one pass
 for several blocks should cost what the deepest one costs.
 
-Note: the store fill (`trials.features.extract_batch`) calls capture_blocks without bf16 autocast or
-channels_last today, so on CUDA it gets the early exit but not the mixed-precision part of (b).
+(b) is `trials.extract.DeviceCapture`, the same object the store fill (`trials.features.extract_batch`)
+uses, so the figure is what a sweep gets. The multi-block comparison runs eager: each compiled
+variant is another graph to compile (~45 s each on adm-256-uncond).
 
 --cpu-small (the default without CUDA) runs a small architecture (adm-28-small: blocks 10 for 24,
 and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in a few seconds. The
