@@ -143,6 +143,7 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
     forward = torch.compile(model) if cfg.compile else model
     gen = torch.Generator(device).manual_seed(cfg.seed * 100003 + step)  # resumed runs draw fresh batches
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    out, saved_at = Path(cfg.out), -1
     pending: list[torch.Tensor] = []  # losses still on the device: read them in bulk, not once per step
     deadline = seconds + 60 * cfg.max_minutes if cfg.max_minutes else float("inf")
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step")
@@ -176,13 +177,15 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}",
                             img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
         if step % cfg.save_every == 0:
-            save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+            out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+            saved_at = step
     if pending:
         losses.extend(torch.stack(pending).tolist())
         seconds += time.perf_counter() - t0
     bar.update(step - bar.n)
     bar.close()
-    out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+    if saved_at != step:
+        out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
     if cfg.samples:
         save_grid(ddim_sample(copy.deepcopy(ema).cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
                   out.with_suffix(".samples.png"))

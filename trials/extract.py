@@ -61,9 +61,9 @@ class DeviceCapture:
     On CUDA this is the fast path: channels-last weights and activations, bf16 autocast (attention
     runs through `scaled_dot_product_attention`, i.e. flash / memory-efficient kernels), optional
     `torch.compile` (one graph per batch shape, reused by every later batch of that shape), cuDNN
-    autotuning of the convolutions, inputs
-    copied from pinned host memory without blocking, and maps pooled and cast to fp16 on the GPU so
-    only the small stored feature crosses back. On the CPU it is plain fp32 `capture_blocks`.
+    autotuning of the convolutions, inputs copied from pinned host memory without blocking, and maps
+    pooled and cast to fp16 on the GPU so only the small stored feature crosses back. On the CPU it
+    is plain fp32 `capture_blocks`.
     Returns {block: fp16 tensor on the host}.
     """
 

@@ -92,6 +92,8 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
     most max_spatial², and round to fp16 as stored."""
     device = next(model.parameters()).device
+    if device.type == "cuda":  # pinned host memory: the copy does not block the host
+        x = x.pin_memory()
     x = x.to(device, non_blocking=True)
     noise = seeded_noise(tuple(x.shape[1:]), noise_seed, image_ids, t, device=device)
     xt = q_sample(x, t, noise, schedule)
