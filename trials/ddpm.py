@@ -187,6 +187,6 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
     if saved_at != step:
         out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
     if cfg.samples:
-        save_grid(ddim_sample(copy.deepcopy(ema).cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
+        save_grid(ddim_sample(ema.cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
                   out.with_suffix(".samples.png"))
     return out

@@ -55,6 +55,13 @@ def capture_blocks(model: UNetModel, x: torch.Tensor, t: torch.Tensor | int, blo
     return out
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensors reach a GPU from pinned memory, so the copy does not block the host."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 class DeviceCapture:
     """`capture_blocks` set up for the device the model lives on; call it with noisy batches.
 
@@ -88,9 +95,7 @@ class DeviceCapture:
 
     @torch.no_grad()
     def __call__(self, xt: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        if self.cuda and xt.device.type == "cpu":
-            xt = xt.pin_memory().to(self.device, non_blocking=True)
-        xt = xt.to(self.device)
+        xt = to_device(xt, self.device)
         if self.cuda:
             xt = xt.contiguous(memory_format=torch.channels_last)
         if not torch.is_tensor(t):

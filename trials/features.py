@@ -19,7 +19,7 @@ from trials.datasets import Sample, load_dataset
 from trials.datasets.preprocess import iter_batches
 from trials.datasets.splits import sweep_splits
 from trials.diffusion import q_sample, seeded_noise
-from trials.extract import DeviceCapture
+from trials.extract import DeviceCapture, to_device
 from trials.store import FeatureArray, FeatureKey, FeatureStore, files_digest
 from trials.unet import UNetModel, create_unet, load_checkpoint, make_config
 
@@ -58,8 +58,7 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu") -> UNetModel:
             model = create_unet(arch)
     else:
         model = load_checkpoint(spec.checkpoint, arch)
-    model = model.to(device).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last) if device.startswith("cuda") else model
+    return model.to(device).eval().requires_grad_(False)  # DeviceCapture sets the CUDA memory format
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,9 +91,7 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
     most max_spatial², and round to fp16 as stored."""
     device = next(model.parameters()).device
-    if device.type == "cuda":  # pinned host memory: the copy does not block the host
-        x = x.pin_memory()
-    x = x.to(device, non_blocking=True)
+    x = to_device(x, device)
     noise = seeded_noise(tuple(x.shape[1:]), noise_seed, image_ids, t, device=device)
     xt = q_sample(x, t, noise, schedule)
     maps = DeviceCapture(model, blocks, pool=max_spatial)(xt, t, y=y)  # the CUDA fast path when on a GPU
