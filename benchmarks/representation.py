@@ -3,7 +3,8 @@ same U-Net with random weights, (c) the shipped DDPM, under the paper's linear-p
 linear on pooled features, the same search over t, block, pool, chosen on validation) and with the
 best head. Everything in one run, test accuracy reported once per selected config.
 
-    python benchmarks/representation.py            # full: 20k train subset, full 10k test
+    python benchmarks/representation.py            # 20k train subset, full 10k test
+    python benchmarks/representation.py --full     # the sweep's splits: all 54k train, 6k val, 10k test
     python benchmarks/representation.py --quick    # 3k train subset, 2k test
 """
 
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from orchestrator.config import SHIPPED_CHECKPOINT
 from trials.ddpm import sha256_file
@@ -32,6 +34,16 @@ def pixels(spec: DatasetSpec, split: str) -> FeatureArray:
     return FeatureArray([x.astype(np.float16)], np.array([s.label for s in samples]), [s.image_id for s in samples])
 
 
+def pooled(array: FeatureArray, pool: int, chunk: int = 4096) -> FeatureArray:
+    """The map average-pooled to pool×pool once, in fp32: the same numbers the linear head's own
+    pooling computes per batch, so each probe epoch is only a small matmul (fast at 54k images)."""
+    out = []
+    for start in range(0, len(array), chunk):
+        x = torch.from_numpy(array.take(np.arange(start, min(start + chunk, len(array))))).float()
+        out.append(F.adaptive_avg_pool2d(x, min(pool, x.shape[-1])).numpy())
+    return FeatureArray([np.concatenate(out)], array.labels, array.image_ids)
+
+
 def fit(head: str, hparams: dict, train, val, test, epochs: int, classes: int = 10) -> tuple[float, float]:
     trainer = HeadTrainer(head, hparams, [train], classes, Recipe("adamw", epochs, 128), seed=0)
     while trainer.epoch < epochs:
@@ -42,6 +54,7 @@ def fit(head: str, hparams: dict, train, val, test, epochs: int, classes: int = 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--full", action="store_true", help="no subsets: the splits search_spaces/fashion_mnist.yaml uses")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train", type=int, default=None, help="train images (seeded stratified subset)")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="adm-28-small DDPM weights (default: shipped)")
@@ -52,8 +65,8 @@ def main() -> None:
     n_train, n_test = (3000, 2000) if args.quick else (20000, None)
     n_train = args.train or n_train
     epochs = args.epochs or (4 if args.quick else 8)
-    spec = DatasetSpec("fashion_mnist", None, 0.1, tuple(sorted({"train": n_train, "val": n_train // 5,
-                                                                  **({"test": n_test} if n_test else {})}.items())))
+    limits = {} if args.full else {"train": n_train, "val": n_train // 5, **({"test": n_test} if n_test else {})}
+    spec = DatasetSpec("fashion_mnist", None, 0.1, tuple(sorted(limits.items())))
     ts, blocks, pools = [10, 50, 150], [6, 8, 9, 10], [1, 2, 4]
     backbones = {
         "ddpm": BackboneSpec("adm-28-small", args.checkpoint, sha256_file(args.checkpoint)),
@@ -74,12 +87,14 @@ def main() -> None:
         px = [pixels(spec, s) for s in ("train", "val", "test")]
         results = {}
         for pool in (4, 7, 14, 28):
-            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *px, epochs)
+            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[pooled(a, pool) for a in px], epochs)
             results.setdefault("pixels", []).append((val, test, {"pool": pool}))
         for name in backbones:
-            for t, block, pool in itertools.product(ts, blocks, pools):
-                val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *arrays(name, t, block), epochs)
-                results.setdefault(name, []).append((val, test, {"t": t, "block": block, "pool": pool}))
+            for t, block in itertools.product(ts, blocks):
+                maps = arrays(name, t, block)
+                for pool in pools:
+                    val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[pooled(a, pool) for a in maps], epochs)
+                    results.setdefault(name, []).append((val, test, {"t": t, "block": block, "pool": pool}))
         for name, runs in results.items():
             val, test, cfg = max(runs, key=lambda r: r[0])  # chosen on validation only
             rows.append((name, "linear probe", cfg, val, test))
@@ -96,7 +111,8 @@ def main() -> None:
                 rows.append((name, f"head={head}", {k: v for k, v in best_cfg.items() if k != "pool"}, val, test))
             val, test, head = max(per_head)
             rows.append((name, f"best head ({head})", best_cfg, val, test))
-    print(f"Fashion-MNIST, train {n_train} / val {n_train // 5} / test {n_test or 10000}, {epochs} epochs, "
+    sizes = {s: len(dataset_splits(spec)[1][s]) for s in ("train", "val", "test")}
+    print(f"Fashion-MNIST, train {sizes['train']} / val {sizes['val']} / test {sizes['test']}, {epochs} epochs, "
           f"{time.time() - start:.0f}s")
     print(f"{'features':<8} {'protocol':<18} {'val_acc':>7} {'test_acc':>8}  config")
     for name, proto, cfg, val, test in rows:
