@@ -65,3 +65,20 @@ def test_resumed_training_matches_uninterrupted(recipe):
     second.load_state_dict(state)
     rest = [m for m in second.epochs(data)]
     assert part + rest == full
+
+
+def test_label_smoothing_reaches_the_loss():
+    """An optimisation setting (searchable per head), not a head argument: with smoothing ε over K
+    classes no logits can push the loss below the entropy of the smoothed target."""
+    data = [separable()]
+    eps, k = 0.2, 3
+    q = np.array([1 - eps + eps / k] + [eps / k] * (k - 1))
+    floor = float(-(q * np.log(q)).sum())
+    losses = {}
+    for smoothing in (0.0, eps):
+        trainer = HeadTrainer("mlp", {"pool": 2, "hidden": 32, "lr": 3e-3, "label_smoothing": smoothing}, data, k,
+                              Recipe("adamw", epochs=15, batch_size=32), 0)
+        losses[smoothing] = [m["train_loss"] for m in trainer.epochs(data)][-1]
+        assert trainer.accuracy(data) >= 0.95
+    assert losses[eps] >= floor - 1e-3
+    assert losses[0.0] < floor - 0.1
