@@ -22,7 +22,12 @@ def results(storage: Path, name: str) -> dict[str, list[dict]]:
     """Every result line Tune wrote, per trial id."""
     out = {}
     for path in glob.glob(str(storage / name / "*" / "result.json")):
-        lines = [json.loads(line) for line in open(path) if line.strip()]
+        lines = []
+        for line in open(path):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:  # the line Tune is writing right now
+                break
         if lines:
             out[lines[0]["trial_id"]] = lines
     return out
@@ -89,11 +94,13 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
     driver = start(["run", str(space)], tmp_path)
 
     def early_trial():
-        """A trial that has logged epoch 1 or 2 of 4 to MLflow: the process that logged it."""
+        """A trial that has logged epoch 1 or 2 of 4 to MLflow: the process that logged it, once Tune
+        has also persisted a result from it (on a loaded machine MLflow can be ahead of Tune)."""
         client, _, kids = children(tmp_path, "wrk")
+        persisted = {r["pid"] for lines in results(tmp_path / "ray", "wrk").values() for r in lines}
         for k in kids:
             steps = [m.step for m in client.get_metric_history(k.info.run_id, "val_acc")]
-            if 1 <= len(steps) <= 2 and "diffsweep.pid" in k.data.tags:
+            if 1 <= len(steps) <= 2 and int(k.data.tags.get("diffsweep.pid", -1)) in persisted:
                 return int(k.data.tags["diffsweep.pid"])
         return None
 
