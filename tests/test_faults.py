@@ -94,28 +94,27 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
     driver = start(["run", str(space)], tmp_path)
 
     def early_trial():
-        """A trial that has logged epoch 1 or 2 of 4 to MLflow: the process that logged it, once Tune
-        has also persisted a result from it (on a loaded machine MLflow can be ahead of Tune)."""
+        """A trial that has logged epoch 1 or 2 of 4 to MLflow: (the process that logged it, its trial id)."""
         client, _, kids = children(tmp_path, "wrk")
-        persisted = {r["pid"] for lines in results(tmp_path / "ray", "wrk").values() for r in lines}
         for k in kids:
             steps = [m.step for m in client.get_metric_history(k.info.run_id, "val_acc")]
-            if 1 <= len(steps) <= 2 and int(k.data.tags.get("diffsweep.pid", -1)) in persisted:
-                return int(k.data.tags["diffsweep.pid"])
+            if 1 <= len(steps) <= 2 and "diffsweep.pid" in k.data.tags:
+                return int(k.data.tags["diffsweep.pid"]), k.data.tags["diffsweep.trial_id"]
         return None
 
-    victim = wait_for(early_trial, every=0.2)
+    victim, killed = wait_for(early_trial, every=0.2)
     os.kill(victim, signal.SIGKILL)
     assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
-    assert len(after) == 2
-    killed = [t for t, lines in after.items() if victim in {r["pid"] for r in lines}]
-    assert len(killed) == 1, "the killed process ran none of the trials"
-    lines = after[killed[0]]
+    assert len(after) == 2 and killed in after
+    # the trial is named by MLflow, not by the pids in Tune's result.json: that file may lose the lines
+    # the killed process wrote (seen on a loaded machine); MLflow's curve, checked below, may not
+    lines = after[killed]
     epochs = [r["epoch"] for r in lines]
-    assert epochs == list(range(1, 5))  # resumed from its checkpoint: no epoch repeated, none lost
-    assert len({r["pid"] for r in lines}) == 2  # and it did run in a second process
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # no epoch run twice, ran to the end
+    assert lines[-1]["pid"] != victim  # in a second process
     client, parent, kids = children(tmp_path, "wrk")
     assert len(kids) == 2 and all(k.data.tags["diffsweep.status"] == "completed" for k in kids)
-    run = next(k for k in kids if k.data.tags["diffsweep.trial_id"] == killed[0])
+    run = next(k for k in kids if k.data.tags["diffsweep.trial_id"] == killed)
+    # resumed from its checkpoint: every epoch logged exactly once, none lost
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4]
