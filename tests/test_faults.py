@@ -108,7 +108,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
     after = results(tmp_path / "ray", "wrk")
     assert len(after) == 2 and killed in after
     # the trial is named by MLflow, not by the pids in Tune's result.json: that file may lose the lines
-    # the killed process wrote (seen on a loaded machine); MLflow's curve, checked below, may not
+    # the killed process wrote (seen here, loaded or not); MLflow's curve, checked below, may not
     lines = after[killed]
     epochs = [r["epoch"] for r in lines]
     assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # no epoch run twice, ran to the end
