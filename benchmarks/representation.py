@@ -34,14 +34,16 @@ def pixels(spec: DatasetSpec, split: str) -> FeatureArray:
     return FeatureArray([x.astype(np.float16)], np.array([s.label for s in samples]), [s.image_id for s in samples])
 
 
-def pooled(array: FeatureArray, pool: int, chunk: int = 4096) -> FeatureArray:
-    """The map average-pooled to pool×pool once, in fp32: the same numbers the linear head's own
-    pooling computes per batch, so each probe epoch is only a small matmul (fast at 54k images)."""
-    out = []
+def pooled(array: FeatureArray, pools: list[int], chunk: int = 4096) -> dict[int, FeatureArray]:
+    """The map average-pooled to each pool×pool in one read, in fp32: the same numbers the linear
+    head's own pooling computes per batch, so each probe epoch is only a small matmul (fast at 54k
+    images), and a map larger than RAM is read from disk once, not once per pool size."""
+    out: dict[int, list[np.ndarray]] = {p: [] for p in pools}
     for start in range(0, len(array), chunk):
         x = torch.from_numpy(array.take(np.arange(start, min(start + chunk, len(array))))).float()
-        out.append(F.adaptive_avg_pool2d(x, min(pool, x.shape[-1])).numpy())
-    return FeatureArray([np.concatenate(out)], array.labels, array.image_ids)
+        for p in pools:
+            out[p].append(F.adaptive_avg_pool2d(x, min(p, x.shape[-1])).numpy())
+    return {p: FeatureArray([np.concatenate(v)], array.labels, array.image_ids) for p, v in out.items()}
 
 
 def fit(head: str, hparams: dict, train, val, test, epochs: int, classes: int = 10) -> tuple[float, float]:
@@ -86,14 +88,15 @@ def main() -> None:
         # (a) pixels: the linear probe over pool sizes (28 = every pixel: logistic regression on raw pixels)
         px = [pixels(spec, s) for s in ("train", "val", "test")]
         results = {}
+        px_pooled = [pooled(a, [4, 7, 14, 28]) for a in px]
         for pool in (4, 7, 14, 28):
-            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[pooled(a, pool) for a in px], epochs)
+            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in px_pooled], epochs)
             results.setdefault("pixels", []).append((val, test, {"pool": pool}))
         for name in backbones:
             for t, block in itertools.product(ts, blocks):
-                maps = arrays(name, t, block)
+                maps = [pooled(a, pools) for a in arrays(name, t, block)]
                 for pool in pools:
-                    val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[pooled(a, pool) for a in maps], epochs)
+                    val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in maps], epochs)
                     results.setdefault(name, []).append((val, test, {"t": t, "block": block, "pool": pool}))
         for name, runs in results.items():
             val, test, cfg = max(runs, key=lambda r: r[0])  # chosen on validation only
