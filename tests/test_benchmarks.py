@@ -30,8 +30,13 @@ def test_trial_memory_quick():
     assert re.fullmatch(rf"rss_growth_mb={NUMBER} anon_growth_mb={NUMBER}", line), line
 
 
+def test_ddpm_train_throughput_quick():
+    line = last_line("ddpm_train_throughput.py", "--quick")
+    assert re.fullmatch(rf"ratio={NUMBER}", line), line
+
+
 @pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
-                                    "search_efficiency.py", "representation.py"])
+                                    "search_efficiency.py", "representation.py", "ddpm_train_throughput.py"])
 def test_help(script):
     assert "usage:" in subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.cli import main
-from trials.ddpm import DDPMTrainConfig, sha256_file, train_ddpm
-from trials.unet import load_checkpoint
+from trials.ddpm import DDPMTrainConfig, diffusion_loss, sha256_file, train_ddpm
+from trials.diffusion import alphas_cumprod
+from trials.unet import create_unet, load_checkpoint
 
 
 def small(tmp_path, **kw) -> DDPMTrainConfig:
@@ -49,6 +50,34 @@ def test_cli_trains_and_reports_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     assert main(["train-ddpm", "--dataset", "digits", "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out and out.is_file()
+
+
+def test_bf16_autocast_runs_the_unet_in_bf16_on_the_cpu_and_keeps_the_loss_close():
+    torch.manual_seed(0)
+    model = create_unet("adm-28-small")
+    x0, noise = torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(4, 1, 28, 28)
+    t = torch.tensor([0, 10, 500, 999])
+    abar = torch.as_tensor(alphas_cumprod("linear"), dtype=torch.float32)
+    dtypes = []
+
+    def forward(xt, steps):
+        out = model(xt, steps)
+        dtypes.append(out.dtype)
+        return out
+
+    fp32 = diffusion_loss(forward, x0, t, noise, abar, bf16=False)
+    bf16 = diffusion_loss(forward, x0, t, noise, abar, bf16=True)
+    assert dtypes == [torch.float32, torch.bfloat16] and bf16.dtype == torch.float32  # loss stays fp32
+    assert fp32 != bf16 and abs(bf16 - fp32) / fp32 < 0.02
+
+
+def test_cli_bf16_trains_and_the_sidecar_command_repeats_it(tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    assert main(["train-ddpm", "--dataset", "digits", "--steps", "2", "--batch-size", "4", "--bf16",
+                 "--out", str(out)]) == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert " --bf16 " in side["command"] and side["train_config"]["bf16"] is True
+    assert np.isfinite(torch.load(out.with_suffix(".resume.pt"), weights_only=True)["losses"]).all()
 
 
 def test_cli_refuses_an_unknown_dataset_in_one_line(tmp_path, capsys):

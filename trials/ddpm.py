@@ -39,6 +39,7 @@ class DDPMTrainConfig:
     save_every: int = 250
     samples: int = 64  # images in the PNG grid written with each checkpoint (0 = none)
     compile: bool = False  # torch.compile; worth it on GPU
+    bf16: bool = False  # bf16 autocast on a CPU too (always on with CUDA); pays on CPUs with AMX
     max_minutes: float | None = None  # stop (with a checkpoint) once this much training time has passed
 
 
@@ -58,6 +59,17 @@ def _training_images(cfg: DDPMTrainConfig, size: int, channels: int) -> torch.Te
     data = load_dataset(cfg.dataset, cfg.root)
     batches = [x for x, _ in iter_batches(data.splits["train"], size, channels, batch_size=4096)]
     return torch.from_numpy(((np.concatenate(batches) + 1) * 127.5).round().astype(np.uint8))
+
+
+def diffusion_loss(forward, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor,
+                   bf16: bool) -> torch.Tensor:
+    """ε-prediction MSE at steps t: the network sees x_t = √ᾱ·x0 + √(1-ᾱ)·ε and must return ε.
+    bf16 autocast covers the forward only; the loss is taken in fp32."""
+    a = abar[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    with torch.autocast(device_type=x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = forward(xt, t)[:, : x0.shape[1]]
+    return F.mse_loss(pred.float(), noise)
 
 
 @torch.no_grad()
@@ -110,7 +122,7 @@ def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: f
         "final_loss": float(np.mean(losses[-50:])) if losses else None, "weights": "ema",
         "command": f"diffsweep train-ddpm --dataset {cfg.dataset} --arch {cfg.arch} --steps {step} "
                    f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --seed {cfg.seed}"
-                   f"{' --compile' if cfg.compile else ''} --out {cfg.out}",
+                   f"{' --compile' if cfg.compile else ''}{' --bf16' if cfg.bf16 else ''} --out {cfg.out}",
         "train_config": asdict(cfg),
     }
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
@@ -153,13 +165,9 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
         x0 = (images[idx].float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch_size,), generator=gen, device=device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            pred = forward(xt, t)[:, : ucfg.in_channels]
-            loss = F.mse_loss(pred.float(), noise)
+        loss = diffusion_loss(forward, x0, t, noise, abar, bf16=device == "cuda" or cfg.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model_params, 1.0)
