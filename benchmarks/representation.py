@@ -6,6 +6,10 @@ best head. Everything in one run, test accuracy reported once per selected confi
     python benchmarks/representation.py            # 20k train subset, full 10k test
     python benchmarks/representation.py --full     # the sweep's splits: all 54k train, 6k val, 10k test
     python benchmarks/representation.py --quick    # 3k train subset, 2k test
+
+Pools 1, 2, 4 and 7 cover the sweep's own (4, 7). `--recipe paper` trains every head with the
+paper's SGD schedule (28 epochs by default) instead of AdamW + cosine; `--store DIR` keeps the
+extracted maps (content-addressed) so a rerun only trains heads.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 
 from orchestrator.config import SHIPPED_CHECKPOINT
 from trials.ddpm import sha256_file
-from trials.features import BackboneSpec, DatasetSpec, ExtractJob, dataset_splits, read_features, run_extract_job
+from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, dataset_splits, feature_key, read_features,
+                             run_extract_job)
 from trials.store import FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
 
@@ -46,8 +51,11 @@ def pooled(array: FeatureArray, pools: list[int], chunk: int = 4096) -> dict[int
     return {p: FeatureArray([np.concatenate(v)], array.labels, array.image_ids) for p, v in out.items()}
 
 
-def fit(head: str, hparams: dict, train, val, test, epochs: int, classes: int = 10) -> tuple[float, float]:
-    trainer = HeadTrainer(head, hparams, [train], classes, Recipe("adamw", epochs, 128), seed=0)
+def fit(head: str, hparams: dict, train, val, test, epochs: int, recipe: str = "adamw",
+        classes: int = 10) -> tuple[float, float]:
+    if recipe == "paper":  # the paper's own learning rates (SGD), not the AdamW ones below
+        hparams = {k: v for k, v in hparams.items() if k != "lr"}
+    trainer = HeadTrainer(head, hparams, [train], classes, Recipe(recipe, epochs, 128), seed=0)
     while trainer.epoch < epochs:
         trainer.train_epoch()
     return trainer.accuracy([val]), trainer.accuracy([test])
@@ -57,7 +65,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--full", action="store_true", help="no subsets: the splits search_spaces/fashion_mnist.yaml uses")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="default 8 (adamw), 28 (paper), 4 with --quick")
+    p.add_argument("--recipe", choices=("adamw", "paper"), default="adamw",
+                   help="adamw: AdamW + cosine; paper: SGD m=0.9, lr 1e-2, ×0.1 every quarter of the epochs")
+    p.add_argument("--store", default=None, help="keep extracted maps here and reuse them (default: a temp dir)")
     p.add_argument("--train", type=int, default=None, help="train images (seeded stratified subset)")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="adm-28-small DDPM weights (default: shipped)")
     p.add_argument("--heads", default="mlp,cnn", help="heads tried at the linear probe's (t, block); "
@@ -66,10 +77,10 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     n_train, n_test = (3000, 2000) if args.quick else (20000, None)
     n_train = args.train or n_train
-    epochs = args.epochs or (4 if args.quick else 8)
+    epochs = args.epochs or (4 if args.quick else 28 if args.recipe == "paper" else 8)
     limits = {} if args.full else {"train": n_train, "val": n_train // 5, **({"test": n_test} if n_test else {})}
     spec = DatasetSpec("fashion_mnist", None, 0.1, tuple(sorted(limits.items())))
-    ts, blocks, pools = [10, 50, 150], [6, 8, 9, 10], [1, 2, 4]
+    ts, blocks, pools = [10, 50, 150], [6, 8, 9, 10], [1, 2, 4, 7]
     backbones = {
         "ddpm": BackboneSpec("adm-28-small", args.checkpoint, sha256_file(args.checkpoint)),
         "random": BackboneSpec("adm-28-small", None, "random:0"),
@@ -77,10 +88,12 @@ def main() -> None:
     rows = []
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore(tmp)
+        root = args.store or tmp
+        store = FeatureStore(root)
         for name, bb in backbones.items():
             for split, t in itertools.product(("train", "val", "test"), ts):
-                run_extract_job(ExtractJob(bb, spec, split, t, tuple(blocks), 0, store_root=tmp))
+                if not all(store.has(feature_key(bb, spec, split, t, b, 0, 16)) for b in blocks):
+                    run_extract_job(ExtractJob(bb, spec, split, t, tuple(blocks), 0, store_root=root))
 
         def arrays(name, t, block):
             return [read_features(store, backbones[name], spec, s, t, block, 0, 16) for s in ("train", "val", "test")]
@@ -90,13 +103,13 @@ def main() -> None:
         results = {}
         px_pooled = [pooled(a, [4, 7, 14, 28]) for a in px]
         for pool in (4, 7, 14, 28):
-            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in px_pooled], epochs)
+            val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in px_pooled], epochs, args.recipe)
             results.setdefault("pixels", []).append((val, test, {"pool": pool}))
         for name in backbones:
             for t, block in itertools.product(ts, blocks):
                 maps = [pooled(a, pools) for a in arrays(name, t, block)]
                 for pool in pools:
-                    val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in maps], epochs)
+                    val, test = fit("linear", {"pool": pool, "lr": 3e-3}, *[a[pool] for a in maps], epochs, args.recipe)
                     results.setdefault(name, []).append((val, test, {"t": t, "block": block, "pool": pool}))
         for name, runs in results.items():
             val, test, cfg = max(runs, key=lambda r: r[0])  # chosen on validation only
@@ -109,14 +122,17 @@ def main() -> None:
             data = px if name == "pixels" else arrays(name, best_cfg["t"], best_cfg["block"])
             per_head = []
             for head, hp in heads.items():
-                val, test = fit(head, hp, *data, epochs)
-                per_head.append((val, test, head))
-                rows.append((name, f"head={head}", {k: v for k, v in best_cfg.items() if k != "pool"}, val, test))
-            val, test, head = max(per_head)
-            rows.append((name, f"best head ({head})", best_cfg, val, test))
+                val, test = fit(head, hp, *data, epochs, args.recipe)
+                where = {k: v for k, v in best_cfg.items() if k != "pool"}
+                if "pool" in hp:  # the head's own pooling, not the linear probe's
+                    where["pool"] = hp["pool"]
+                per_head.append((val, test, head, where))
+                rows.append((name, f"head={head}", where, val, test))
+            val, test, head, where = max(per_head, key=lambda r: r[0])  # chosen on validation only
+            rows.append((name, f"best head ({head})", where, val, test))
     sizes = {s: len(dataset_splits(spec)[1][s]) for s in ("train", "val", "test")}
-    print(f"Fashion-MNIST, train {sizes['train']} / val {sizes['val']} / test {sizes['test']}, {epochs} epochs, "
-          f"{time.time() - start:.0f}s")
+    print(f"Fashion-MNIST, train {sizes['train']} / val {sizes['val']} / test {sizes['test']}, "
+          f"{args.recipe}, {epochs} epochs, {time.time() - start:.0f}s")
     print(f"{'features':<8} {'protocol':<18} {'val_acc':>7} {'test_acc':>8}  config")
     for name, proto, cfg, val, test in rows:
         print(f"{name:<8} {proto:<18} {val:>7.4f} {test:>8.4f}  {cfg}")
