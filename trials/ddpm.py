@@ -38,7 +38,7 @@ class DDPMTrainConfig:
     seed: int = 0
     save_every: int = 250
     samples: int = 64  # images in the PNG grid written with each checkpoint (0 = none)
-    compile: bool = False  # torch.compile; worth it on GPU
+    compile: bool = False  # torch.compile; worth it on a GPU, and on a CPU with bf16
     bf16: bool = False  # bf16 autocast on a CPU too (always on with CUDA); pays on CPUs with AMX
     max_minutes: float | None = None  # stop (with a checkpoint) once this much training time has passed
 
