@@ -1,7 +1,8 @@
 """DDPM training speed of `adm-28-small`: images/s of the training step `diffsweep train-ddpm` runs
-(trials.ddpm.diffusion_loss, backward, gradient clipping, AdamW), fp32 against bf16 autocast, on
-this machine's device (`--bf16` on a CPU; always on with CUDA). Both use channels-last, as training
-does; `--compile` adds the torch.compile'd bf16 step (compile time reported apart).
+(trials.ddpm.diffusion_loss, backward, gradient clipping, AdamW), fp32 against bf16 autocast (what
+`--bf16` turns on for a CPU and what CUDA training always uses), on this machine's device. Both use
+channels-last, as training does; `--compile` adds the torch.compile'd bf16 step (compile time
+reported apart).
 
     python benchmarks/ddpm_train_throughput.py                 # batch 256, 8 timed steps each
     python benchmarks/ddpm_train_throughput.py --quick         # batch 16, 2 steps: format check
