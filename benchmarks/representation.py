@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from orchestrator.config import SHIPPED_CHECKPOINT
 from trials.ddpm import sha256_file
-from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, dataset_splits, feature_key, read_features,
+from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, dataset_splits, missing_blocks, read_features,
                              run_extract_job)
 from trials.store import FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
@@ -92,8 +92,9 @@ def main() -> None:
         store = FeatureStore(root)
         for name, bb in backbones.items():
             for split, t in itertools.product(("train", "val", "test"), ts):
-                if not all(store.has(feature_key(bb, spec, split, t, b, 0, 16)) for b in blocks):
-                    run_extract_job(ExtractJob(bb, spec, split, t, tuple(blocks), 0, store_root=root))
+                missing = missing_blocks(ExtractJob(bb, spec, split, t, tuple(blocks), 0), store)
+                if missing:
+                    run_extract_job(ExtractJob(bb, spec, split, t, tuple(missing), 0, store_root=root))
 
         def arrays(name, t, block):
             return [read_features(store, backbones[name], spec, s, t, block, 0, 16) for s in ("train", "val", "test")]

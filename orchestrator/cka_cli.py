@@ -91,12 +91,12 @@ def _label(spec: BackboneSpec) -> str:
 def ensure_features(cfg: SweepConfig, store, backbone: BackboneSpec, dataset: DatasetSpec, split: str,
                     ts: list[int], blocks: list[int], noise_seed: int, max_spatial: int) -> int:
     """Extract the (t, block) keys that are not in the store yet; one U-Net pass per t. Returns keys written."""
-    from trials.features import feature_key, run_extract_job, shard_jobs
+    from trials.features import ExtractJob, missing_blocks, run_extract_job, shard_jobs
 
     written = 0
     for t in ts:
-        missing = tuple(b for b in blocks if not store.has(
-            feature_key(backbone, dataset, split, t, b, noise_seed, max_spatial)))
+        missing = tuple(missing_blocks(ExtractJob(backbone, dataset, split, t, tuple(blocks), noise_seed, max_spatial),
+                                       store))
         if missing:
             for job in shard_jobs(backbone, dataset, split, t, missing, noise_seed, store.root, max_spatial,
                                   cfg.store.shard_size, cfg.store.batch_size):

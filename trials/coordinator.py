@@ -11,30 +11,14 @@ from __future__ import annotations
 
 import ray
 
-from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, ExtractStats, feature_key, run_extract_job,
+from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, ExtractStats, missing_blocks, run_extract_job,
                              shard_jobs)
-from trials.store import CorruptFeatureFile, FeatureStore
+from trials.store import FeatureStore
 
 
 @ray.remote(max_retries=3)
 def extract_task(job: ExtractJob) -> ExtractStats:
     return run_extract_job(job)
-
-
-def missing_blocks(job_like: ExtractJob, store: FeatureStore, verify: bool = False) -> list[int]:
-    missing = []
-    for b in job_like.blocks:
-        key = feature_key(job_like.backbone, job_like.dataset, job_like.split, job_like.t, b,
-                          job_like.noise_seed, job_like.max_spatial)
-        if not store.has(key):
-            missing.append(b)
-        elif verify:
-            try:
-                store.read(key, verify=True)
-            except CorruptFeatureFile:
-                store.delete(key)
-                missing.append(b)
-    return missing
 
 
 @ray.remote(num_cpus=0)

@@ -20,7 +20,7 @@ from trials.datasets.preprocess import iter_batches
 from trials.datasets.splits import sweep_splits
 from trials.diffusion import q_sample, seeded_noise
 from trials.extract import DeviceCapture, to_device
-from trials.store import FeatureArray, FeatureKey, FeatureStore, files_digest
+from trials.store import CorruptFeatureFile, FeatureArray, FeatureKey, FeatureStore, files_digest
 from trials.unet import UNetModel, create_unet, load_checkpoint, make_config
 
 
@@ -139,6 +139,24 @@ def shard_jobs(backbone: BackboneSpec, dataset: DatasetSpec, split: str, t: int,
     return [ExtractJob(backbone, dataset, split, int(t), tuple(sorted(blocks)), noise_seed, max_spatial, batch_size,
                        i * shard_size, min(n, (i + 1) * shard_size), i, num_parts, store_root)
             for i in range(num_parts)]
+
+
+def missing_blocks(job_like: ExtractJob, store: FeatureStore, verify: bool = False) -> list[int]:
+    """The blocks of `job_like`'s group whose keys are not in `store` (with `verify`, damaged ones are
+    deleted and count as missing)."""
+    missing = []
+    for b in job_like.blocks:
+        key = feature_key(job_like.backbone, job_like.dataset, job_like.split, job_like.t, b,
+                          job_like.noise_seed, job_like.max_spatial)
+        if not store.has(key):
+            missing.append(b)
+        elif verify:
+            try:
+                store.read(key, verify=True)
+            except CorruptFeatureFile:
+                store.delete(key)
+                missing.append(b)
+    return missing
 
 
 def run_extract_job(job: ExtractJob, device: str | None = None,
