@@ -103,7 +103,8 @@ def cmd_train_ddpm(args) -> int:
 
     cfg = DDPMTrainConfig(dataset=args.dataset, arch=args.arch, out=args.out, root=args.root, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
-                          compile=args.compile, bf16=args.bf16, max_minutes=args.max_minutes)
+                          compile=args.compile, bf16=args.bf16, max_minutes=args.max_minutes,
+                          init_from=args.init_from)
     out = train_ddpm(cfg)
     print(f"checkpoint: {out}  (sidecar {Path(out).with_suffix('.json')})")
     return 0
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast on a CPU as well (always on with CUDA); faster on CPUs with AMX")
     s.add_argument("--max-minutes", type=float,
                    help="stop after this much training time; the sidecar records the steps done")
+    s.add_argument("--init-from", help="continue training from this checkpoint's weights (fresh optimizer); "
+                                       "the sidecar records it and the steps in total")
     s.set_defaults(func=cmd_train_ddpm)
 
     from orchestrator.cka_cli import add_cka_parser

@@ -85,3 +85,25 @@ def test_cli_refuses_an_unknown_dataset_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffsweep: error:") and "no_such_set" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_init_from_continues_trained_weights_and_records_the_lineage(tmp_path):
+    first = train_ddpm(small(tmp_path, samples=0), progress=False)
+    cfg = small(tmp_path, out=str(tmp_path / "more.safetensors"), init_from=str(first), steps=2, seed=1, samples=0,
+                ema_decay=1.0)  # decay 1: the EMA stays exactly the weights it started from
+    out = train_ddpm(cfg, progress=False)
+    assert all(torch.equal(load_file(first)[k], v) for k, v in load_file(out).items())
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["init_from"]["sha256"] == sha256_file(first) and side["init_from"]["steps"] == 4
+    assert side["steps"] == 2 and side["total_steps"] == 6 and f"--init-from {first} " in side["command"]
+    assert "--steps 4 " in side["init_from"]["command"]  # how to rebuild the starting point
+
+
+def test_cli_refuses_init_from_a_missing_file_or_the_output_itself(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["train-ddpm", "--dataset", "digits", "--init-from", str(tmp_path / "nope.safetensors"),
+                 "--out", str(out)]) == 2
+    assert main(["train-ddpm", "--dataset", "digits", "--init-from", str(out), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nope.safetensors: file not found" in err[0] and "is also --out" in err[1]
+    assert not list(tmp_path.iterdir())

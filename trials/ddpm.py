@@ -41,6 +41,7 @@ class DDPMTrainConfig:
     compile: bool = False  # torch.compile; worth it on a GPU, and on a CPU with bf16
     bf16: bool = False  # bf16 autocast on a CPU too (always on with CUDA); pays on CPUs with AMX
     max_minutes: float | None = None  # stop (with a checkpoint) once this much training time has passed
+    init_from: str | None = None  # start from these weights (fresh optimizer) instead of a random init
 
 
 def sha256_file(path: str | Path) -> str:
@@ -103,9 +104,33 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
-def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: float, losses: list[float]) -> Path:
+def init_lineage(cfg: DDPMTrainConfig) -> dict | None:
+    """What `--init-from` starts from: its sha256 and, from its sidecar, the steps and command that made
+    it, so a continued checkpoint still says how to rebuild it from scratch."""
+    if not cfg.init_from:
+        return None
+    from trials.unet import CheckpointError
+
+    path = Path(cfg.init_from)
+    if path.resolve() == Path(cfg.out).resolve():
+        raise CheckpointError(f"--init-from {path}: is also --out; write the continued run to a new path")
+    if not path.is_file():
+        raise CheckpointError(f"--init-from {path}: file not found; pass a checkpoint written by train-ddpm")
+    side_path = path.with_suffix(".json")
+    side = json.loads(side_path.read_text()) if side_path.is_file() else {}
+    for key, want in (("arch", cfg.arch), ("schedule", cfg.schedule)):
+        if side.get(key, want) != want:
+            raise CheckpointError(f"--init-from {path}: its sidecar says {key} {side[key]}, this run uses {want}; "
+                                  f"pass --{key} {side[key]}")
+    before = side.get("total_steps", side.get("steps"))
+    return {"path": str(path), "sha256": sha256_file(path), "steps": before, "command": side.get("command")}
+
+
+def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: float, losses: list[float],
+                    lineage: dict | None = None) -> Path:
     """EMA weights (safetensors), the sidecar, and the resume state. `command` in the sidecar is the
-    invocation that reproduces exactly these `step` steps (a time-limited run records where it stopped)."""
+    invocation that reproduces exactly these `step` steps (a time-limited run records where it stopped);
+    a run started with `--init-from` also records what it started from and the steps in total."""
     from safetensors.torch import save_file
 
     out = Path(cfg.out)
@@ -122,9 +147,13 @@ def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: f
         "final_loss": float(np.mean(losses[-50:])) if losses else None, "weights": "ema",
         "command": f"diffsweep train-ddpm --dataset {cfg.dataset} --arch {cfg.arch} --steps {step} "
                    f"--batch-size {cfg.batch_size} --lr {cfg.lr:g} --seed {cfg.seed}"
-                   f"{' --compile' if cfg.compile else ''}{' --bf16' if cfg.bf16 else ''} --out {cfg.out}",
+                   f"{' --compile' if cfg.compile else ''}{' --bf16' if cfg.bf16 else ''}"
+                   f"{f' --init-from {cfg.init_from}' if cfg.init_from else ''} --out {cfg.out}",
         "train_config": asdict(cfg),
     }
+    if lineage:
+        sidecar["init_from"] = lineage
+        sidecar["total_steps"] = (lineage["steps"] or 0) + step
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                 "seconds": seconds, "losses": losses}, out.with_suffix(".resume.pt"))
@@ -141,7 +170,15 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, seconds, losses = 0, 0.0, []
+    lineage = init_lineage(cfg)
     resume = Path(cfg.out).with_suffix(".resume.pt")
+    if lineage and not resume.exists():
+        from trials.unet import load_checkpoint
+
+        # Continue from trained weights: the EMA starts there too, the optimizer starts fresh (and warms up)
+        weights = load_checkpoint(cfg.init_from, cfg.arch).state_dict()
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -185,7 +222,7 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}",
                             img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
         if step % cfg.save_every == 0:
-            out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+            out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses, lineage)
             saved_at = step
     if pending:
         losses.extend(torch.stack(pending).tolist())
@@ -193,7 +230,7 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
     bar.update(step - bar.n)
     bar.close()
     if saved_at != step:
-        out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses)
+        out = save_checkpoint(ema, model, opt, step, cfg, seconds, losses, lineage)
     if cfg.samples:
         save_grid(ddim_sample(ema.cpu().float(), cfg.samples, schedule=cfg.schedule, seed=cfg.seed),
                   out.with_suffix(".samples.png"))
