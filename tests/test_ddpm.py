@@ -98,6 +98,13 @@ def test_init_from_continues_trained_weights_and_records_the_lineage(tmp_path):
     assert side["steps"] == 2 and side["total_steps"] == 6 and f"--init-from {first} " in side["command"]
     assert "--steps 4 " in side["init_from"]["command"]  # how to rebuild the starting point
 
+    # resuming keeps the lineage recorded at the start, even once the starting file has gone
+    started_from = side["init_from"]
+    first.unlink()
+    out = train_ddpm(small(tmp_path, out=str(out), init_from=str(first), steps=3, seed=1, samples=0), progress=False)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["init_from"] == started_from and side["steps"] == 3 and side["total_steps"] == 7
+
 
 def test_cli_refuses_init_from_a_missing_file_or_the_output_itself(tmp_path, capsys):
     out = tmp_path / "x.safetensors"

@@ -156,7 +156,7 @@ def save_checkpoint(ema, model, opt, step: int, cfg: DDPMTrainConfig, seconds: f
         sidecar["total_steps"] = (lineage["steps"] or 0) + step
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                "seconds": seconds, "losses": losses}, out.with_suffix(".resume.pt"))
+                "seconds": seconds, "losses": losses, "init_from": lineage}, out.with_suffix(".resume.pt"))
     return out
 
 
@@ -170,21 +170,25 @@ def train_ddpm(cfg: DDPMTrainConfig, progress: bool = True) -> Path:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, seconds, losses = 0, 0.0, []
-    lineage = init_lineage(cfg)
     resume = Path(cfg.out).with_suffix(".resume.pt")
-    if lineage and not resume.exists():
-        from trials.unet import load_checkpoint
-
-        # Continue from trained weights: the EMA starts there too, the optimizer starts fresh (and warms up)
-        weights = load_checkpoint(cfg.init_from, cfg.arch).state_dict()
-        model.load_state_dict(weights)
-        ema.load_state_dict(weights)
     if resume.exists():
         state = torch.load(resume, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, seconds, losses = state["step"], state["seconds"], list(state["losses"])
+        # the lineage recorded when the run started (the --init-from file may have changed or gone since);
+        # resume files written before it was kept there fall back to reading it again
+        lineage = state.get("init_from") or init_lineage(cfg)
+    else:
+        lineage = init_lineage(cfg)
+        if lineage:
+            from trials.unet import load_checkpoint
+
+            # Continue from trained weights: the EMA starts there too, the optimizer starts fresh (and warms up)
+            weights = load_checkpoint(cfg.init_from, cfg.arch).state_dict()
+            model.load_state_dict(weights)
+            ema.load_state_dict(weights)
     # The whole train split lives on the device (47 MB for Fashion-MNIST) and batches, steps and
     # noise are drawn there: a GPU step then never waits on the host.
     images = _training_images(cfg, ucfg.image_size, ucfg.in_channels).to(device)
