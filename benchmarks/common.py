@@ -45,15 +45,26 @@ def dataset(name: str = "digits", limit: int | None = None, val_limit: int | Non
     return DatasetSpec(name, None, val_fraction, limits, False, (), seed)
 
 
+def request(backbone_spec, dataset_spec, split: str, ts, blocks, max_spatial: int = 16, noise_seed: int = 0):
+    """A FeatureRequest computed in this process (its numeric path is this machine's)."""
+    import torch
+
+    from trials.features import FeatureRequest, numeric_path
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FeatureRequest(backbone_spec, dataset_spec, split, tuple(ts), tuple(blocks), noise_seed, max_spatial,
+                          numeric_path(device))
+
+
 def fill_store(backbone_spec, dataset_spec, ts, blocks, store_root: str, splits=("train", "val"),
                batch_size: int = 128, max_spatial: int = 16, noise_seed: int = 0) -> tuple[int, float]:
-    """diffsweep's way: one U-Net pass per (split, t) capturing every block. Returns (image passes, seconds)."""
-    from trials.features import run_extract_job, shard_jobs
+    """diffsweep's way (the store fill itself): one U-Net pass per (split, t) capturing every block.
+    Returns (image passes, seconds)."""
+    from trials.features import FillOptions, fill_request
 
     passes, t0 = 0, time.perf_counter()
+    options = FillOptions(store_root, batch_size=batch_size)
     for split in splits:
-        for t in ts:
-            for job in shard_jobs(backbone_spec, dataset_spec, split, t, tuple(blocks), noise_seed, store_root,
-                                  max_spatial=max_spatial, batch_size=batch_size):
-                passes += run_extract_job(job).passes
+        passes += fill_request(request(backbone_spec, dataset_spec, split, ts, blocks, max_spatial, noise_seed),
+                               options).passes
     return passes, time.perf_counter() - t0

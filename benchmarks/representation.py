@@ -19,14 +19,14 @@ import itertools
 import tempfile
 import time
 
+import common
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from orchestrator.config import SHIPPED_CHECKPOINT
 from trials.ddpm import sha256_file
-from trials.features import (BackboneSpec, DatasetSpec, ExtractJob, dataset_splits, missing_blocks, read_features,
-                             run_extract_job)
+from trials.features import BackboneSpec, DatasetSpec, FillOptions, dataset_splits, fill_request
 from trials.store import FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
 
@@ -91,13 +91,12 @@ def main() -> None:
         root = args.store or tmp
         store = FeatureStore(root)
         for name, bb in backbones.items():
-            for split, t in itertools.product(("train", "val", "test"), ts):
-                missing = missing_blocks(ExtractJob(bb, spec, split, t, tuple(blocks), 0), store)
-                if missing:
-                    run_extract_job(ExtractJob(bb, spec, split, t, tuple(missing), 0, store_root=root))
+            for split in ("train", "val", "test"):
+                fill_request(common.request(bb, spec, split, ts, blocks), FillOptions(root))
 
         def arrays(name, t, block):
-            return [read_features(store, backbones[name], spec, s, t, block, 0, 16) for s in ("train", "val", "test")]
+            return [store.read(common.request(backbones[name], spec, s, [t], [block]).key(t, block))
+                    for s in ("train", "val", "test")]
 
         # (a) pixels: the linear probe over pool sizes (28 = every pixel: logistic regression on raw pixels)
         px = [pixels(spec, s) for s in ("train", "val", "test")]

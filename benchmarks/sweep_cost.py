@@ -1,7 +1,7 @@
 """What the feature store saves: U-Net image-passes and wall time of a 48-trial sweep, two ways.
 
 (a) diffsweep: features extracted once per (split, t), all the space's blocks captured in one pass
-    (`run_extract_job` over train and val for each t), then 48 head trainings that read the store
+    (`fill_request` over train and val for each t), then 48 head trainings that read the store
     (memory-mapped Arrow).
 (b) the paper's way: no store. For every trial and every epoch, the U-Net runs again over the train
     images (and the val images for that epoch's evaluation) for the trial's (t, block), with the same
@@ -71,7 +71,7 @@ def main() -> None:
     n_paper = args.paper_trials or (len(BLOCKS) if args.quick else None)
     common.set_threads(args.threads)
 
-    from trials.features import dataset_splits, load_backbone, read_features
+    from trials.features import dataset_splits, load_backbone
     from trials.store import FeatureStore
     from trials.train_head import HeadTrainer, Recipe
 
@@ -92,8 +92,8 @@ def main() -> None:
         accs_a = {}
         store = FeatureStore(root)
         for i, c in enumerate(trials):
-            train = [read_features(store, bb, ds, "train", c["t"], c["block"], 0, 16)]
-            val = [read_features(store, bb, ds, "val", c["t"], c["block"], 0, 16)]
+            train = [store.read(common.request(bb, ds, "train", [c["t"]], [c["block"]]).key(c["t"], c["block"]))]
+            val = [store.read(common.request(bb, ds, "val", [c["t"]], [c["block"]]).key(c["t"], c["block"]))]
             trainer = HeadTrainer("linear", {"pool": c["pool"]}, train, len(classes), recipe, 0)
             for m in trainer.epochs(val):
                 accs_a[i] = m["val_acc"]

@@ -45,7 +45,7 @@ def key_for(split: str, n: int):
 
 
 def write_store(root: str, n: int, shard_size: int) -> None:
-    """N synthetic images' features, written part by part like `run_extract_job` shards do."""
+    """N synthetic images' features, written part by part like `fill_part` writes its parts."""
     from trials.store import FeatureStore
 
     store = FeatureStore(root)

@@ -77,31 +77,25 @@ def against_spec(cfg: SweepConfig, against: str, arch: str | None) -> BackboneSp
     arch = arch or cfg.checkpoint.arch
     arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
     if against == "random":
-        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule)
+        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
     path = Path(against).expanduser()
     if not path.is_file():
         raise ConfigError(f"--against: {path} not found; pass a .pt or .safetensors file, or 'random'")
-    return BackboneSpec(arch_key, str(path.resolve()), sha256_file(path), cfg.checkpoint.schedule)
+    return BackboneSpec(arch_key, str(path.resolve()), sha256_file(path), cfg.checkpoint.schedule,
+                        cfg.checkpoint.class_label)
 
 
 def _label(spec: BackboneSpec) -> str:
     return Path(spec.checkpoint).stem if spec.checkpoint else spec.sha256
 
 
-def ensure_features(cfg: SweepConfig, store, backbone: BackboneSpec, dataset: DatasetSpec, split: str,
-                    ts: list[int], blocks: list[int], noise_seed: int, max_spatial: int) -> int:
-    """Extract the (t, block) keys that are not in the store yet; one U-Net pass per t. Returns keys written."""
-    from trials.features import ExtractJob, missing_blocks, run_extract_job, shard_jobs
+def cka_request(setup, backbone: BackboneSpec, dataset: DatasetSpec, split: str, ts: list[int], blocks: list[int],
+                device: str):
+    """The maps CKA compares, computed in this process on `device` (its numeric path is in the keys)."""
+    from trials.features import FeatureRequest, numeric_path
 
-    written = 0
-    for t in ts:
-        missing = tuple(missing_blocks(ExtractJob(backbone, dataset, split, t, tuple(blocks), noise_seed, max_spatial),
-                                       store))
-        if missing:
-            for job in shard_jobs(backbone, dataset, split, t, missing, noise_seed, store.root, max_spatial,
-                                  cfg.store.shard_size, cfg.store.batch_size):
-                written += len(run_extract_job(job).keys)
-    return written
+    return FeatureRequest(backbone, dataset, split, tuple(ts), tuple(blocks), setup.noise_seed, setup.max_spatial,
+                          numeric_path(device))
 
 
 def _log_to_mlflow(cfg: SweepConfig, files: list[Path], params: dict) -> str:
@@ -153,7 +147,7 @@ def cka_command(args: argparse.Namespace) -> int:
     from orchestrator.tracking import check_reachable
     from trials.cka import cka_matrix, default_device
     from trials.diffusion import NUM_TIMESTEPS
-    from trials.features import DatasetSpec, load_backbone, read_features
+    from trials.features import DatasetSpec, fill_request, load_backbone
     from trials.store import FeatureStore
 
     cfg = load_config(args.space)
@@ -197,14 +191,13 @@ def cka_command(args: argparse.Namespace) -> int:
     store = FeatureStore(setup.store_root)
     files: list[Path] = []
     for name, dataset in datasets.items():
-        for m in models:
-            n_new = ensure_features(cfg, store, m, dataset, args.split, ts, blocks, setup.noise_seed,
-                                    setup.max_spatial)
+        requests = [cka_request(setup, m, dataset, args.split, ts, blocks, default_device()) for m in models]
+        for m, request in zip(models, requests):
+            n_new = len(fill_request(request, setup.fill, device=default_device()).keys)
             if n_new:
                 print(f"feature store: {n_new} new key(s) for {name}/{args.split} ({_label(m)})", flush=True)
         grid = [(i, t, b) for i in range(len(models)) for t in ts for b in blocks]
-        sets = [read_features(store, models[i], dataset, args.split, t, b, setup.noise_seed, setup.max_spatial)
-                for i, t, b in grid]
+        sets = [store.read(requests[i].key(t, b)) for i, t, b in grid]
         if any(s.image_ids != sets[0].image_ids for s in sets):
             raise RuntimeError(f"{name}/{args.split}: stored feature sets list different images; "
                                "re-extract them (delete the store folder)")

@@ -30,6 +30,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.plan import format_plan, sweep_plan
+
+    cfg = load_config(args.space, _overrides(args))
+    path = cfg.checkpoint_path()
+    if args.published_sizes and path is not None and not path.is_file():
+        # the plan needs only the architecture; random weights of it have the same shapes and speed
+        print(f"note: checkpoint {path} is not on this machine; planning with random weights of "
+              f"{cfg.checkpoint.arch}", file=sys.stderr)
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"random_weights": True})})
+    plan = sweep_plan(cfg, measure=args.measure, throughput=args.throughput, published=args.published_sizes)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_resume(args) -> int:
     from orchestrator.config import ConfigError, SweepConfig
     from orchestrator.report import print_summary
@@ -83,7 +99,7 @@ def cmd_blocks(args) -> int:
     from orchestrator.blocks_cli import blocks_command
 
     try:
-        print(blocks_command(args.arch, args.json))
+        print(blocks_command(args.arch, args.json, args.max_spatial))
     except ValueError as e:
         from orchestrator.config import ConfigError
         raise ConfigError(f"--arch: {e}") from None
@@ -128,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_flags(s)
     s.set_defaults(func=cmd_run)
 
+    s = sub.add_parser("plan", help="what a sweep will cost (images, passes, bytes, trials, time, RAM) before it runs")
+    s.add_argument("space", help="the sweep's YAML search space")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--measure", type=int, default=0, metavar="N",
+                   help="time N images of the real model on this machine to estimate extraction time")
+    s.add_argument("--throughput", type=float, metavar="IMG_S",
+                   help="estimate extraction time at this many images/s (instead of --measure)")
+    s.add_argument("--store", help="feature store path or URI")
+    s.add_argument("--published-sizes", action="store_true",
+                   help="size datasets whose files are not on this machine from their archives' published "
+                        "split sizes (plan before the data is copied)")
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("resume", help="continue an interrupted sweep")
     s.add_argument("name")
     s.add_argument("--storage-path", default="runs/ray")
@@ -158,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("blocks", help="the block table of an architecture (paper numbering)")
     s.add_argument("--arch", required=True)
+    s.add_argument("--max-spatial", type=int, default=16,
+                   help="the store's spatial cap (store.max_spatial): the side a head sees is min(resolution, this)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_blocks)
 

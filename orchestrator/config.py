@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trials.diffusion import NUM_TIMESTEPS
 from trials.heads import HEADS
@@ -53,6 +53,9 @@ class Checkpoint(Strict):
     arch: str | dict[str, Any] = "adm-28-small"
     schedule: Literal["linear", "cosine"] = "linear"
     random_weights: bool = False  # baseline: the same U-Net, untrained (seeded)
+    # class-conditional models (adm-64-cond, adm-128-cond): the label every image is run with, a class
+    # id or "mean" (the mean label embedding); part of the feature key
+    class_label: int | Literal["mean"] | None = None
 
 
 class DatasetConfig(Strict):
@@ -129,6 +132,8 @@ class Search(Strict):
 class Training(Strict):
     recipe: Literal["paper", "adamw"] = "adamw"
     batch_size: int = Field(128, ge=2)
+    # Tune checkpoints kept per trial: the latest is what resume and the winner's export need
+    checkpoints_to_keep: int = Field(1, ge=1)
 
 
 class Resources(Strict):
@@ -141,8 +146,10 @@ class Resources(Strict):
 class Store(Strict):
     path: str = "runs/features"
     max_spatial: int = Field(16, ge=1)
-    shard_size: int = Field(4096, ge=1)
+    part_bytes: ByteSize = Field(ByteSize(256 * 2 ** 20), gt=0)  # bound on one stored part ("256MiB", "1GB")
     batch_size: int = Field(256, ge=1)
+    # the arithmetic of the features, part of their keys; auto: cuda-bf16 when extract_gpu > 0
+    numeric: Literal["auto", "cpu-fp32", "cuda-bf16"] = "auto"
 
 
 class Tracking(Strict):
@@ -194,12 +201,24 @@ class SweepConfig(Strict):
         return Path(self.checkpoint.path).expanduser() if self.checkpoint.path else SHIPPED_CHECKPOINT
 
     def check_blocks(self) -> None:
-        """Blocks must exist in the architecture (needs the U-Net code, so it runs after parsing)."""
+        """Blocks must exist in the architecture, and a class-conditional one needs its label (needs
+        the U-Net code, so it runs after parsing)."""
         from trials.blocks import num_blocks
+        from trials.unet import make_config
         try:
             n = num_blocks(self.checkpoint.arch)
+            flags = make_config(self.checkpoint.arch)
         except ValueError as e:
             raise ConfigError(f"checkpoint.arch: {e}") from None
+        label = self.checkpoint.class_label
+        if flags.class_cond and label is None:
+            raise ConfigError(f"checkpoint.class_label: architecture {self.checkpoint.arch} is class-conditional; "
+                              f"set a class id (0..{flags.num_classes - 1}) or 'mean' (the mean label embedding)")
+        if not flags.class_cond and label is not None:
+            raise ConfigError(f"checkpoint.class_label: architecture {self.checkpoint.arch} is unconditional; "
+                              "remove class_label")
+        if isinstance(label, int) and not 0 <= label < flags.num_classes:
+            raise ConfigError(f"checkpoint.class_label: {label} is outside 0..{flags.num_classes - 1}")
         for i, b in enumerate(self.space.block):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from orchestrator.export import resolve_checkpoint_path
 from trials.datasets import DatasetError
 from trials.ddpm import sha256_file
-from trials.features import BackboneSpec, DatasetSpec, dataset_splits, extract_batch, load_backbone
+from trials.features import BackboneSpec, DatasetSpec, class_labels, dataset_splits, extract_batch, load_backbone
 from trials.heads import build_head_for_maps
 from trials.store import FeatureArray
 from trials.train_head import split_hparams
@@ -53,7 +53,8 @@ def load_exported(path: str | Path) -> Exported:
         raise ExportError(f"exported config {path}: not a diffsweep export; pass exported/<dataset>.yaml")
     ck = doc["checkpoint"]
     if ck["path"] is None:
-        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), None, ck["sha256"], ck["schedule"])
+        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), None, ck["sha256"], ck["schedule"],
+                            ck.get("class_label"))
     else:
         weights = resolve_checkpoint_path(ck["path"])
         if not weights.is_file():
@@ -61,7 +62,8 @@ def load_exported(path: str | Path) -> Exported:
         if sha256_file(weights) != ck["sha256"]:
             raise ExportError(f"exported config {path}: checkpoint {weights} does not match its sha256; "
                               "use the checkpoint the sweep used")
-        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), str(weights), ck["sha256"], ck["schedule"])
+        spec = BackboneSpec(tuple(sorted(ck["arch"].items())), str(weights), ck["sha256"], ck["schedule"],
+                            ck.get("class_label"))
     h = doc["head"]
     head_kw, _ = split_hparams(h["hparams"])  # optimisation settings do not shape the head
     head = build_head_for_maps(h["type"], doc["features"]["shapes"], doc["dataset"]["num_classes"], **head_kw)
@@ -80,7 +82,8 @@ def features_for(exp: Exported, x: torch.Tensor, image_ids: list[str]) -> list[t
         by_t.setdefault(t, []).append(b)
     captured = {(t, b): m for t, blocks in by_t.items()
                 for b, m in extract_batch(model, x, image_ids, t, blocks, f["noise_seed"], f["max_spatial"],
-                                          exp.backbone.schedule).items()}
+                                          exp.backbone.schedule,
+                                          y=class_labels(exp.backbone, len(image_ids), next(model.parameters()).device)).items()}
     return [torch.from_numpy(captured[m]).float() for m in exp.maps]
 
 

@@ -88,13 +88,13 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
     from orchestrator.plots import accuracy_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
-    from trials.trainable import load_split, trial_maps
+    from trials.trainable import load_split, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)
     chosen = select_best(table)
     out_dir = Path(cfg.export_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = get_coordinator(cfg.name, setup.store_root, {"num_cpus": 1})
+    coordinator = get_coordinator(cfg.name, setup.extract_options)
     selected: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         table_path = Path(tmp) / "results.parquet"
@@ -107,7 +107,8 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
         for dataset, row in chosen.items():
             config = row_config(row)
             maps = trial_maps(config)
-            test = load_split(setup, dataset, "test", maps, coordinator)  # the test split, once, for the winner
+            # the test split, once, for the winner
+            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator)
             trainer, config = restore_trainer(setup, row, test)
             test_acc = trainer.accuracy(test)
             run_id = callback.runs.get(row["trial_id"])

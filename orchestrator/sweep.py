@@ -36,11 +36,11 @@ def backbone_spec(cfg: SweepConfig) -> BackboneSpec:
     arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
     path = cfg.checkpoint_path()
     if path is None:
-        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule)
+        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
     if not path.is_file():
         raise ConfigError(f"checkpoint.path: {path} not found; pass the path of a .pt or .safetensors file "
                           "(or leave it empty for the shipped model)")
-    return BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule)
+    return BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule, cfg.checkpoint.class_label)
 
 
 def dataset_specs(cfg: SweepConfig) -> dict[str, DatasetSpec]:
@@ -93,36 +93,55 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                  object_store_memory=256 * 1024 ** 2, **kwargs)
 
 
+def sweep_numeric(cfg: SweepConfig) -> str:
+    """The numeric path of the sweep's features (part of their keys): bf16 on CUDA when extraction
+    runs on GPUs, fp32 on CPUs, unless `store.numeric` names one."""
+    if cfg.store.numeric != "auto":
+        return cfg.store.numeric
+    return "cuda-bf16" if cfg.resources.extract_gpu > 0 else "cpu-fp32"
+
+
+def space_pools(cfg: SweepConfig) -> tuple[int, ...]:
+    return tuple(sorted(set(cfg.space.pool)))
+
+
 def trial_setup(cfg: SweepConfig):
+    from trials.features import FillOptions
     from trials.train_head import Recipe
     from trials.trainable import TrialSetup
 
     return TrialSetup(
-        sweep=cfg.name, backbone=backbone_spec(cfg), datasets=dataset_specs(cfg), store_root=absolute(cfg.store.path),
+        sweep=cfg.name, backbone=backbone_spec(cfg), datasets=dataset_specs(cfg),
+        fill=FillOptions(absolute(cfg.store.path), int(cfg.store.part_bytes), cfg.store.batch_size),
         noise_seed=cfg.noise_seed, space_blocks=space_blocks(cfg),
         recipe=Recipe(cfg.training.recipe, cfg.epochs, cfg.training.batch_size), max_spatial=cfg.store.max_spatial,
-        seed=cfg.seed, extract_options={"num_cpus": cfg.resources.extract_cpu, "num_gpus": cfg.resources.extract_gpu})
+        numeric=sweep_numeric(cfg), space_pools=space_pools(cfg), seed=cfg.seed,
+        extract_options={"num_cpus": max(cfg.resources.extract_cpu, 1), "num_gpus": cfg.resources.extract_gpu})
 
 
-def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val"), progress: bool = True) -> dict:
-    """Extract every (dataset, split, t) group the space needs, in parallel, each exactly once."""
-    import ray
+def sweep_coordinator(cfg: SweepConfig, setup):
+    """The sweep's feature coordinator. Ray ends an actor when its creator's last handle goes, so the
+    driver holds this handle for the whole sweep; trials find the actor by name."""
     from trials.coordinator import get_coordinator
 
-    coordinator = get_coordinator(cfg.name, setup.store_root, {"num_cpus": max(cfg.resources.extract_cpu, 1),
-                                                                "num_gpus": cfg.resources.extract_gpu})
-    refs = {(d, s, t): coordinator.ensure.remote(setup.backbone, spec, s, t, blocks, setup.noise_seed,
-                                                   setup.max_spatial, False, cfg.store.shard_size,
-                                                   cfg.store.batch_size)
-            for d, spec in setup.datasets.items() for s in splits for t, blocks in setup.space_blocks.items()}
+    return get_coordinator(cfg.name, setup.extract_options)
+
+
+def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val"), progress: bool = True,
+               coordinator=None) -> dict:
+    """Extract every (dataset, split, t) group the space needs, in parallel, each exactly once.
+
+    Every part task declares its memory to Ray, so a node runs only as many as fit."""
+    import ray
     from tqdm import tqdm
 
-    from trials.features import dataset_splits
-
-    sizes = {k: len(dataset_splits(setup.datasets[k[0]])[1][k[1]]) for k in refs}
+    coordinator = coordinator or sweep_coordinator(cfg, setup)
+    requests = {(d, s, t): setup.request(d, s, t) for d in setup.datasets for s in splits for t in setup.space_blocks}
+    refs = {k: coordinator.fill.remote(r, setup.fill) for k, r in requests.items()}
+    sizes = {k: len(r.samples()) for k, r in requests.items()}
     pending = {r: k for k, r in refs.items()}
     written: dict = {}
-    # progress in images extracted (a group counts when its shards are stored; cached groups count at once)
+    # progress in images extracted (a group counts when its parts are stored; cached groups count at once)
     with tqdm(total=sum(sizes.values()), unit="img", desc="features", disable=not progress) as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -133,6 +152,15 @@ def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val
         n = sum(len(v) for v in written.values())
         print(f"feature store: {n} new key(s) written, {len(refs)} group(s) checked at {setup.store_root}")
     return written
+
+
+def announce_store_pooling(setup) -> None:
+    """Say once, at the start, which blocks the store keeps at less than their native resolution."""
+    shapes = setup.request(next(iter(setup.datasets)), "train", next(iter(setup.space_blocks))).shapes()
+    pooled = [f"{b} ({s.native}x{s.native} -> {s.side}x{s.side})" for b, s in sorted(shapes.items()) if s.side < s.native]
+    if pooled:
+        print(f"note: store.max_spatial={setup.max_spatial} pools block(s) {', '.join(pooled)}: heads see the "
+              "pooled map", flush=True)
 
 
 @dataclass
@@ -163,8 +191,14 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     state_path = sdir / STATE_FILE
     state = json.loads(state_path.read_text()) if resume and state_path.exists() else {}
 
+    from orchestrator.plan import check_space, format_plan, sweep_plan
+    plan = sweep_plan(cfg, setup)
+    print(format_plan(plan), flush=True)
+    check_space(plan)
     init_ray(address)
-    fill_store(cfg, setup)
+    announce_store_pooling(setup)
+    coordinator = sweep_coordinator(cfg, setup)  # held until the sweep returns (see sweep_coordinator)
+    fill_store(cfg, setup, coordinator=coordinator)
     parent = SweepRun(cfg.tracking.uri, cfg.experiment, cfg.name, state.get("parent_run_id"))
     if not resume:
         parent.log_params({"space": json.dumps(cfg.space.model_dump()), "sampler": cfg.search.sampler,
@@ -190,7 +224,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=absolute(cfg.storage_path), callbacks=[callback], verbose=0,
         failure_config=tune.FailureConfig(max_failures=3),
-        checkpoint_config=tune.CheckpointConfig())
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep))
     tune_config = tune.TuneConfig(metric=cfg.search.metric, mode="max", scheduler=scheduler,
                                   search_alg=ConcurrencyLimiter(searcher, cfg.search.max_concurrent),
                                   num_samples=searcher.total_budget)
@@ -204,4 +238,5 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     grid = tuner.fit()
     outcome = select_and_export(cfg, setup, grid, parent, callback)
     parent.finish("FINISHED")
+    del coordinator  # the sweep's features are all made: the actor may go
     return outcome

@@ -17,7 +17,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+        # two logical GPUs (Ray schedules them on a CPU machine too) for the tests of GPU-holding trials
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
                  logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()

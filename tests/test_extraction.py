@@ -1,4 +1,5 @@
-"""Feature extraction: exactly once under concurrency, and a killed or damaged write is never served."""
+"""Feature extraction: exactly once under concurrency, streamed in bounded parts, a killed or damaged
+write is never served, and a trial that finds a feature missing never deadlocks the cluster."""
 
 import os
 import signal
@@ -9,51 +10,77 @@ import uuid
 import numpy as np
 import ray
 
-from trials.coordinator import get_coordinator
-from trials.features import BackboneSpec, DatasetSpec, ExtractJob, feature_key, read_features, run_extract_job
+from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
+from trials.features import (BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, fill_part, fill_request,
+                             plan_parts)
 from trials.store import FeatureStore
 
 BACKBONE = BackboneSpec("adm-28-small", None, "random:0")
 DIGITS = DatasetSpec("digits", limits=(("train", 400),))
 
 
+def request(blocks=(4, 8), t=10, split="train"):
+    return FeatureRequest(BACKBONE, DIGITS, split, (t,), tuple(blocks))
+
+
 def key(block, t=10, split="train"):
-    return feature_key(BACKBONE, DIGITS, split, t, block, 0, 16)
+    return request((block,), t, split).key(t, block)
+
+
+def coordinator():
+    return get_coordinator(f"test-{uuid.uuid4().hex[:6]}", {"num_cpus": 1})
 
 
 def test_eight_concurrent_requests_cause_one_extraction(ray_local, tmp_path):
-    coordinator = get_coordinator(f"test-{uuid.uuid4().hex[:6]}", str(tmp_path), {"num_cpus": 1})
-    refs = [coordinator.ensure.remote(BACKBONE, DIGITS, "train", 10, (4, 8), 0, 16, False, 4096, 128)
-            for _ in range(8)]
-    results = ray.get(refs)
-    assert ray.get(coordinator.launch_counts.remote()) == {"digits/train/t10/0/random:0": 1}
+    c = coordinator()
+    options = FillOptions(str(tmp_path), batch_size=128)
+    results = ray.get([c.fill.remote(request(), options) for _ in range(8)])
+    group = request().group
+    assert ray.get(c.launch_counts.remote()) == {group: 1}
     # one request launched the extraction and reports the two keys it wrote; the seven others waited
     # for it and found nothing left to do
     assert sorted(len(r) for r in results) == [0] * 7 + [2]
     store = FeatureStore(str(tmp_path))
-    assert len(read_features(store, BACKBONE, DIGITS, "train", 10, 4, 0, 16)) == 400
+    assert len(store.read(key(4))) == 400
     # once stored, another request launches nothing
-    assert ray.get(coordinator.ensure.remote(BACKBONE, DIGITS, "train", 10, (4, 8), 0, 16)) == []
-    assert ray.get(coordinator.launch_counts.remote())["digits/train/t10/0/random:0"] == 1
+    assert ray.get(c.fill.remote(request(), options)) == []
+    assert ray.get(c.launch_counts.remote())[group] == 1
 
 
-def test_same_features_whatever_the_batching(tmp_path):
-    a = run_extract_job(ExtractJob(BACKBONE, DIGITS, "train", 10, (4,), 0, batch_size=64, store_root=str(tmp_path / "a")))
-    b = run_extract_job(ExtractJob(BACKBONE, DIGITS, "train", 10, (4,), 0, batch_size=400, store_root=str(tmp_path / "b")))
+def test_same_features_whatever_the_batching_and_parts(tmp_path):
+    a = fill_request(request((4,)), FillOptions(str(tmp_path / "a"), batch_size=64))
+    # a part bound of 20 images' maps: several parts, streamed batch by batch
+    small = FillOptions(str(tmp_path / "b"), batch_size=16, part_bytes=20 * 64 * 14 * 14 * 2)
+    assert len(plan_parts(request((4,)), small)) == 400 // 16  # 16 images (one batch) per part
+    b = fill_request(request((4,)), small)
     fa = FeatureStore(str(tmp_path / "a")).read(key(4)).take(np.arange(400)).astype(np.float32)
-    fb = FeatureStore(str(tmp_path / "b")).read(key(4)).take(np.arange(400)).astype(np.float32)
-    assert a.images == b.images == 400
+    fb_array = FeatureStore(str(tmp_path / "b")).read(key(4))
+    fb = fb_array.take(np.arange(400)).astype(np.float32)
+    assert a.images == b.images == 400 and len(fb_array.parts) == 25
     assert np.abs(fa - fb).max() <= 2e-3 * max(1.0, np.abs(fa).max())  # seeded noise: same ε per image
+
+
+def test_part_bytes_bound_every_file(tmp_path):
+    options = FillOptions(str(tmp_path), batch_size=32, part_bytes=100 * 1024)
+    fill_request(request((4, 8)), options)
+    store = FeatureStore(str(tmp_path))
+    for b in (4, 8):
+        paths = store._part_paths(key(b))
+        shape = store.read(key(b)).shape
+        assert len(paths) > 1
+        for p in paths:  # map bytes of a part stay within the bound (the file adds Arrow's framing)
+            rows = len(FeatureStore(str(tmp_path))._read_part(p, False)[1])
+            assert rows * int(np.prod(shape[1:])) * 2 <= options.part_bytes
 
 
 SLOW_EXTRACT = """
 import sys, torch
 torch.set_num_threads(1)
-from trials.features import BackboneSpec, DatasetSpec, ExtractJob, run_extract_job
-job = ExtractJob(BackboneSpec("adm-28-small", None, "random:0"), DatasetSpec("digits", limits=(("train", 400),)),
-                 "train", 10, (4, 8), 0, batch_size=8, store_root=sys.argv[1])
+from trials.features import BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, fill_request
+request = FeatureRequest(BackboneSpec("adm-28-small", None, "random:0"), DatasetSpec("digits", limits=(("train", 400),)),
+                         "train", (10,), (4, 8))
 print("started", flush=True)
-run_extract_job(job, on_batch=lambda n: print("batch", flush=True))
+fill_request(request, FillOptions(sys.argv[1], batch_size=8), on_batch=lambda n: print("batch", flush=True))
 """
 
 
@@ -66,18 +93,68 @@ def test_killed_extraction_is_never_served_and_is_recomputed(ray_local, tmp_path
     proc.wait()
     store = FeatureStore(str(tmp_path))
     assert not store.has(key(4)) and not store.has(key(8))
-    coordinator = get_coordinator(f"test-{uuid.uuid4().hex[:6]}", str(tmp_path), {"num_cpus": 1})
-    ray.get(coordinator.ensure.remote(BACKBONE, DIGITS, "train", 10, (4, 8), 0, 16, True, 4096, 128))
+    ray.get(coordinator().fill.remote(request(), FillOptions(str(tmp_path), batch_size=128)))
     assert len(store.read(key(8))) == 400
 
 
 def test_truncated_file_is_detected_and_recomputed(ray_local, tmp_path):
-    run_extract_job(ExtractJob(BACKBONE, DIGITS, "train", 10, (4,), 0, batch_size=200, store_root=str(tmp_path)))
+    options = FillOptions(str(tmp_path), batch_size=200)
+    fill_request(request((4,)), options)
     store = FeatureStore(str(tmp_path))
     good = store.read(key(4)).take(np.arange(400)).copy()
     path = store.part_path(key(4), 0, 1)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 3])
-    coordinator = get_coordinator(f"test-{uuid.uuid4().hex[:6]}", str(tmp_path), {"num_cpus": 1})
-    ray.get(coordinator.ensure.remote(BACKBONE, DIGITS, "train", 10, (4,), 0, 16, True, 4096, 200))
+    ensure_in_trial(coordinator(), request((4,)), options, "cpu")
     assert np.array_equal(store.read(key(4)).take(np.arange(400)), good)
+
+
+def test_failed_part_leaves_nothing_behind(tmp_path):
+    options = FillOptions(str(tmp_path), batch_size=100)
+    bad = DatasetSpec("digits", limits=(("train", 400),))
+    job = plan_parts(FeatureRequest(BACKBONE, bad, "train", (10,), (4,), numeric="cuda-bf16"), options)[0]
+    try:
+        fill_part(job, device="cpu")  # a CPU cannot compute cuda-bf16 features: refused before writing
+    except RuntimeError as e:
+        assert "cuda-bf16" in str(e)
+    else:
+        raise AssertionError("fill_part computed features of another numeric path")
+    assert not any(p.suffix == ".tmp" or p.suffix == ".arrow" for p in tmp_path.rglob("*"))
+
+
+@ray.remote
+def _trial_that_holds_a_gpu(c, req, options) -> str:
+    # a trial holding the cluster's only (logical) GPU finds its feature missing
+    ensure_in_trial(c, req, options, "cpu")
+    return "done"
+
+
+def test_missing_feature_inside_gpu_trials_does_not_deadlock(ray_local, tmp_path):
+    """Both (logical) GPUs are held by trials waiting for the same missing feature; the extraction
+    must not wait for a GPU. One trial computes it in its own process, the other waits for it."""
+    options = FillOptions(str(tmp_path), batch_size=128)
+    c = get_coordinator(f"test-{uuid.uuid4().hex[:6]}", {"num_cpus": 1, "num_gpus": 1})
+    fill_request(request((4,)), options)
+    FeatureStore(str(tmp_path)).delete(key(4))  # deleted behind the sweep's back
+    assert ray.cluster_resources().get("GPU") == 2  # tests/conftest.py's logical GPUs
+    trials = [_trial_that_holds_a_gpu.options(num_gpus=1).remote(c, request((4,)), options) for _ in range(2)]
+    assert ray.get(trials, timeout=120) == ["done", "done"]
+    assert ray.get(c.launch_counts.remote()) == {request((4,)).group: 1}  # computed once
+    assert len(FeatureStore(str(tmp_path)).read(key(4))) == 400
+
+
+def test_pooled_cache_is_built_once_and_equals_pooling_the_map(ray_local, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    options = FillOptions(str(tmp_path), batch_size=128)
+    fill_request(request((4,)), options)
+    store = FeatureStore(str(tmp_path))
+    c = coordinator()
+    pooled = [read_pooled(c, store, request((4,)), 10, 4, 2, (1, 2, 4)) for _ in range(3)]
+    assert ray.get(c.launch_counts.remote()) == {key(4).pooled(2).stem: 1}
+    full = store.read(key(4)).take(np.arange(400))
+    want = F.adaptive_avg_pool2d(torch.from_numpy(full).float(), 2).numpy()
+    assert pooled[0].shape == (400, 64, 2, 2) and pooled[0].dtype == np.float32
+    assert np.array_equal(pooled[0].take(np.arange(400)), want)
+    assert store.has(key(4).pooled(1)) and store.has(key(4).pooled(4))  # one pass made every pool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import nn
@@ -41,13 +42,20 @@ def _scale(block: nn.Module) -> float:
 
 
 def block_table(arch: str | dict | UNetConfig | UNetModel) -> list[BlockInfo]:
-    """One row per block. Built on the meta device, so even the 552M-parameter model costs nothing."""
+    """One row per block. Built on the meta device (no weights), once per architecture."""
     if isinstance(arch, UNetModel):
-        model = arch
-    else:
-        import torch
-        with torch.device("meta"):
-            model = create_unet(make_config(arch))
+        return _table(arch)
+    return list(_config_table(make_config(arch)))
+
+
+@functools.lru_cache(maxsize=32)
+def _config_table(config: UNetConfig) -> tuple[BlockInfo, ...]:
+    import torch
+    with torch.device("meta"):  # building the 553M-parameter model's modules still takes ~0.15 s
+        return tuple(_table(create_unet(config)))
+
+
+def _table(model: UNetModel) -> list[BlockInfo]:
     res = float(model.config.image_size)
     channels = model.config.in_channels
     names = ([f"input_blocks.{i}" for i in range(len(model.input_blocks))] + ["middle_block"]

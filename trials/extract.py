@@ -94,13 +94,13 @@ class DeviceCapture:
         return {b: m.to(torch.float16) for b, m in maps.items()}
 
     @torch.no_grad()
-    def __call__(self, xt: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def __call__(self, xt: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | str | None = None) -> dict[int, torch.Tensor]:
         xt = to_device(xt, self.device)
         if self.cuda:
             xt = xt.contiguous(memory_format=torch.channels_last)
         if not torch.is_tensor(t):
             t = torch.full((xt.shape[0],), int(t), dtype=torch.long)
         t = t.to(self.device)
-        if y is not None:
+        if torch.is_tensor(y):
             y = y.to(self.device)
         return {b: m.cpu() for b, m in self._capture(xt, t, y).items()}

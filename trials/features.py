@@ -1,7 +1,12 @@
-"""From images to stored features: the backbone, the dataset split, and sharded extraction.
+"""From images to stored features: the backbone, the dataset split, and streaming extraction.
 
 `extract_batch` is the one function that turns pixels into features; the store, `predict` and
 `evaluate` all go through it, so a feature is the same number wherever it is computed.
+
+`FeatureRequest` names "these maps of this dataset split"; `plan_parts` cuts it into byte-bounded
+parts and `fill_part` is the one store-fill loop (the sweep's Ray tasks, a trial that finds a
+feature missing, `diffsweep cka` and the benchmarks all run it). A part streams to the store one
+image batch at a time, so a worker's memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from trials.blocks import block_table
 from trials.datasets import Sample, load_dataset
 from trials.datasets.preprocess import iter_batches
 from trials.datasets.splits import sweep_splits
@@ -23,19 +30,27 @@ from trials.extract import DeviceCapture, to_device
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureKey, FeatureStore, files_digest
 from trials.unet import UNetModel, create_unet, load_checkpoint, make_config
 
+DEFAULT_PART_BYTES = 256 * 2 ** 20
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Which frozen U-Net: an architecture, its weights (None = random, seeded) and noise schedule."""
+    """Which frozen U-Net: an architecture, its weights (None = random, seeded), noise schedule, and
+    for class-conditional models the label it is run with (a class id, or "mean")."""
 
     arch: str | tuple  # architecture name, or sorted (flag, value) pairs
     checkpoint: str | None
     sha256: str
     schedule: str = "linear"
+    class_label: int | str | None = None
 
     @property
     def flags(self) -> dict[str, Any]:
         return make_config(self.arch if isinstance(self.arch, str) else dict(self.arch)).to_flags()
+
+    @property
+    def arch_config(self) -> str | dict:
+        return self.arch if isinstance(self.arch, str) else dict(self.arch)
 
 
 @dataclass(frozen=True)
@@ -51,13 +66,12 @@ class DatasetSpec:
 
 @functools.lru_cache(maxsize=4)
 def load_backbone(spec: BackboneSpec, device: str = "cpu") -> UNetModel:
-    arch = spec.arch if isinstance(spec.arch, str) else dict(spec.arch)
     if spec.checkpoint is None:  # the random-weights baseline: seeded, without touching the global RNG
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(spec.sha256.split(":")[-1]) if spec.sha256.startswith("random:") else 0)
-            model = create_unet(arch)
+            model = create_unet(spec.arch_config)
     else:
-        model = load_checkpoint(spec.checkpoint, arch)
+        model = load_checkpoint(spec.checkpoint, spec.arch_config)
     return model.to(device).eval().requires_grad_(False)  # DeviceCapture sets the CUDA memory format
 
 
@@ -72,22 +86,104 @@ def preprocessing(model_flags: dict[str, Any]) -> dict[str, Any]:
             "resize": "shorter-side bicubic + center crop", "range": "[-1, 1]"}
 
 
-def feature_key(backbone: BackboneSpec, dataset: DatasetSpec, split: str, t: int, block: int,
-                noise_seed: int, max_spatial: int) -> FeatureKey:
-    _, splits = dataset_splits(dataset)
-    samples = splits[split]
-    flags = backbone.flags
-    return FeatureKey(
-        checkpoint_sha256=backbone.sha256, model_config=json.dumps(flags, sort_keys=True), dataset=dataset.name,
-        split=split, files_digest=files_digest([s.image_id for s in samples], [s.label for s in samples]),
-        preprocessing=json.dumps(preprocessing(flags), sort_keys=True), t=int(t), noise_seed=int(noise_seed),
-        block=int(block), max_spatial=int(max_spatial))
+def numeric_path(device: str | torch.device) -> str:
+    """The arithmetic `DeviceCapture` uses on `device` (fp32 on a CPU; bf16 autocast, cuDNN autotune
+    on CUDA). It is part of every feature key: the two paths do not give the same numbers."""
+    return "cuda-bf16" if torch.device(device).type == "cuda" else "cpu-fp32"
+
+
+def class_labels(spec: BackboneSpec, n: int, device) -> torch.Tensor | str | None:
+    """The `y` a class-conditional U-Net is run with: a fixed id for every image, or "mean"."""
+    if spec.class_label is None or spec.class_label == "mean":
+        return spec.class_label
+    return torch.full((n,), int(spec.class_label), dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class MapShape:
+    channels: int
+    side: int  # stored side: the block's resolution, capped at max_spatial
+    native: int  # the block's own resolution
+
+    @property
+    def bytes_per_image(self) -> int:
+        return self.channels * self.side * self.side * 2  # fp16
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """These maps of this dataset split: every block of `blocks` at every noise step of `ts`, one
+    U-Net pass per (image, t) capturing all blocks."""
+
+    backbone: BackboneSpec
+    dataset: DatasetSpec
+    split: str
+    ts: tuple[int, ...]
+    blocks: tuple[int, ...]
+    noise_seed: int = 0
+    max_spatial: int = 16
+    numeric: str = "cpu-fp32"
+
+    @property
+    def group(self) -> str:
+        """What one extraction covers (for exactly-once locking and progress)."""
+        ts = ",".join(map(str, self.ts))
+        return f"{self.dataset.name}/{self.split}/t{ts}/{self.noise_seed}/{self.backbone.sha256}/{self.numeric}"
+
+    def samples(self) -> list[Sample]:
+        return dataset_splits(self.dataset)[1][self.split]
+
+    def key(self, t: int, block: int) -> FeatureKey:
+        flags = self.backbone.flags
+        label = "" if self.backbone.class_label is None else str(self.backbone.class_label)
+        return FeatureKey(
+            checkpoint_sha256=self.backbone.sha256, model_config=json.dumps(flags, sort_keys=True),
+            dataset=self.dataset.name, split=self.split,
+            files_digest=_split_digest(self.dataset, self.split),
+            preprocessing=json.dumps(preprocessing(flags), sort_keys=True), t=int(t), noise_seed=int(self.noise_seed),
+            block=int(block), max_spatial=int(self.max_spatial), class_label=label, numeric=self.numeric)
+
+    def maps(self) -> list[tuple[int, int]]:
+        return [(int(t), int(b)) for t in self.ts for b in self.blocks]
+
+    def shapes(self) -> dict[int, MapShape]:
+        table = {row.number: row for row in block_table(self.backbone.arch_config)}
+        return {b: MapShape(table[b].channels, min(table[b].resolution, self.max_spatial), table[b].resolution)
+                for b in self.blocks}
+
+    def missing(self, store: FeatureStore, verify: bool = False) -> list["FeatureRequest"]:
+        """The parts of this request not in `store`, one request per t (with `verify`, damaged keys
+        are deleted and count as missing)."""
+        out = []
+        for t in self.ts:
+            blocks = [b for b in self.blocks if not _stored(store, self.key(t, b), verify)]
+            if blocks:
+                out.append(replace(self, ts=(t,), blocks=tuple(blocks)))
+        return out
+
+
+@functools.lru_cache(maxsize=32)
+def _split_digest(dataset: DatasetSpec, split: str) -> str:
+    samples = dataset_splits(dataset)[1][split]
+    return files_digest([s.image_id for s in samples], [s.label for s in samples])
+
+
+def _stored(store: FeatureStore, key: FeatureKey, verify: bool) -> bool:
+    if not store.has(key):
+        return False
+    if verify:
+        try:
+            store.read(key, verify=True)
+        except CorruptFeatureFile:
+            store.delete(key)
+            return False
+    return True
 
 
 @torch.no_grad()
 def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: int, blocks: list[int],
                   noise_seed: int, max_spatial: int, schedule: str = "linear",
-                  y: torch.Tensor | None = None) -> dict[int, np.ndarray]:
+                  y: torch.Tensor | str | None = None) -> dict[int, np.ndarray]:
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
     most max_spatial², and round to fp16 as stored."""
     device = next(model.parameters()).device
@@ -99,26 +195,67 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
 
 
 @dataclass(frozen=True)
-class ExtractJob:
-    """One shard of one (dataset, split, t) group: a U-Net pass per batch, all `blocks` captured."""
+class FillOptions:
+    """How a request is cut and computed: the store, the byte bound of a part, the U-Net batch."""
 
-    backbone: BackboneSpec
-    dataset: DatasetSpec
-    split: str
-    t: int
-    blocks: tuple[int, ...]
-    noise_seed: int
-    max_spatial: int = 16
+    store_root: str
+    part_bytes: int = DEFAULT_PART_BYTES
     batch_size: int = 256
-    start: int = 0
-    stop: int | None = None
-    part: int = 0
-    num_parts: int = 1
-    store_root: str = "features"
 
-    @property
-    def group(self) -> str:
-        return f"{self.dataset.name}/{self.split}/t{self.t}"
+
+@dataclass(frozen=True)
+class PartJob:
+    """Images [start, stop) of a request, written as part `part` of `num_parts` of each of its keys."""
+
+    request: FeatureRequest
+    options: FillOptions
+    part: int
+    num_parts: int
+    start: int
+    stop: int
+
+
+def images_per_part(request: FeatureRequest, options: FillOptions) -> int:
+    """Images per part so that no key's part exceeds `part_bytes` (a whole number of batches)."""
+    largest = max(s.bytes_per_image for s in request.shapes().values())
+    n = max(1, options.part_bytes // largest)
+    return max(options.batch_size, n // options.batch_size * options.batch_size) if n >= options.batch_size else n
+
+
+def plan_parts(request: FeatureRequest, options: FillOptions, images: int | None = None) -> list[PartJob]:
+    """The byte-bounded parts of `request` (of `images` images, when its files are not read here)."""
+    n = len(request.samples()) if images is None else images
+    per = images_per_part(request, options)
+    num_parts = max(1, -(-n // per))
+    return [PartJob(request, options, i, num_parts, i * per, min(n, (i + 1) * per)) for i in range(num_parts)]
+
+
+def extraction_memory_bytes(request: FeatureRequest, batch_size: int) -> int:
+    """Host memory one extraction task needs, for Ray's `memory=` and `diffsweep plan`: the weights
+    (fp32, as loaded), the maps of two batches (one being written while the next is computed), the
+    interpreter with torch and pyarrow, and on a CPU the activations of one batch (every input
+    block's output is kept for the skip connections, plus working space of a few maps at the widest
+    block). On a GPU the activations live in device memory, and the host holds the decoded images."""
+    table = block_table(request.backbone.arch_config)
+    deepest = max(request.blocks)
+    flags = request.backbone.flags
+    params = _param_count(request.backbone.arch)
+    image = flags["in_channels"] * flags["image_size"] ** 2
+    if request.numeric.startswith("cuda"):
+        act = image * 2  # the decoded batch and its pinned copy
+    else:
+        path = [r for r in table if r.number <= deepest]
+        act = sum(r.channels * r.resolution ** 2 for r in path if r.module.startswith("input_blocks"))
+        act += 6 * max(r.channels * r.resolution ** 2 for r in path)
+        act += image * 3  # image, noise, x_t
+    maps = sum(s.bytes_per_image for s in request.shapes().values()) * len(request.ts)
+    return int(params * 4 + batch_size * (act * 4 + 2 * maps) + 600 * 2 ** 20)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_count(arch: str | tuple) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_unet(arch if isinstance(arch, str) else dict(arch)).parameters())
 
 
 @dataclass
@@ -129,73 +266,76 @@ class ExtractStats:
     keys: list[str] = field(default_factory=list)
 
 
-def shard_jobs(backbone: BackboneSpec, dataset: DatasetSpec, split: str, t: int, blocks: tuple[int, ...],
-               noise_seed: int, store_root: str, max_spatial: int = 16, shard_size: int = 4096,
-               batch_size: int = 256) -> list[ExtractJob]:
-    """Split a group into image-range shards; each writes part i of n for every block's key."""
-    _, splits = dataset_splits(dataset)
-    n = len(splits[split])
-    num_parts = max(1, -(-n // shard_size))
-    return [ExtractJob(backbone, dataset, split, int(t), tuple(sorted(blocks)), noise_seed, max_spatial, batch_size,
-                       i * shard_size, min(n, (i + 1) * shard_size), i, num_parts, store_root)
-            for i in range(num_parts)]
+def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int], None] | None = None) -> ExtractStats:
+    """Compute one part of every key of the request and stream it to the store.
 
-
-def missing_blocks(job_like: ExtractJob, store: FeatureStore, verify: bool = False) -> list[int]:
-    """The blocks of `job_like`'s group whose keys are not in `store` (with `verify`, damaged ones are
-    deleted and count as missing)."""
-    missing = []
-    for b in job_like.blocks:
-        key = feature_key(job_like.backbone, job_like.dataset, job_like.split, job_like.t, b,
-                          job_like.noise_seed, job_like.max_spatial)
-        if not store.has(key):
-            missing.append(b)
-        elif verify:
-            try:
-                store.read(key, verify=True)
-            except CorruptFeatureFile:
-                store.delete(key)
-                missing.append(b)
-    return missing
-
-
-def run_extract_job(job: ExtractJob, device: str | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> ExtractStats:
-    """Compute one shard and write its parts. Idempotent: the parts are content-addressed."""
+    Idempotent (parts are content-addressed) and atomic (each file is renamed into place only when
+    complete). Batch i+1 is computed while batch i is written, so at most two batches are held."""
+    request = job.request
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_backbone(job.backbone, device)
-    flags = job.backbone.flags
-    _, splits = dataset_splits(job.dataset)
-    samples = splits[job.split][job.start:job.stop]
-    store = FeatureStore(job.store_root)
-    per_block: dict[int, list[np.ndarray]] = {b: [] for b in job.blocks}
-    labels, ids = [], []
+    if numeric_path(device) != request.numeric:
+        raise RuntimeError(f"request for {request.numeric} features, but this worker computes "
+                           f"{numeric_path(device)} on {device}")
+    model = load_backbone(request.backbone, device)
+    flags = request.backbone.flags
+    samples = request.samples()[job.start:job.stop]
+    store = FeatureStore(job.options.store_root)
+    shapes = request.shapes()
+    provenance = {"checkpoint": request.backbone.checkpoint, "arch": request.backbone.arch,
+                  "class_label": request.backbone.class_label, "shard": [job.start, job.stop], "created": time.time()}
+    writers = {(t, b): store.part_writer(request.key(t, b), job.part, job.num_parts,
+                                         (shapes[b].channels, shapes[b].side, shapes[b].side), {**provenance, "t": t})
+               for t, b in request.maps()}
     stats = ExtractStats()
     t0 = time.perf_counter()
-    for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], job.batch_size,
-                                 skip_corrupt=job.dataset.skip_corrupt):
-        batch_ids = [s.image_id for s in batch]
-        maps = extract_batch(model, torch.from_numpy(x), batch_ids, job.t, list(job.blocks), job.noise_seed,
-                             job.max_spatial, job.backbone.schedule)
-        for b in job.blocks:
-            per_block[b].append(maps[b])
-        labels.extend(s.label for s in batch)
-        ids.extend(batch_ids)
-        stats.images += len(batch)
-        stats.passes += len(batch)
-        if on_batch:
-            on_batch(len(batch))
-    provenance = {"checkpoint": job.backbone.checkpoint, "arch": job.backbone.arch, "t": job.t,
-                  "shard": [job.start, job.stop], "created": time.time()}
-    for b in job.blocks:
-        key = feature_key(job.backbone, job.dataset, job.split, job.t, b, job.noise_seed, job.max_spatial)
-        store.write_part(key, np.concatenate(per_block[b]), np.array(labels), ids, job.part, job.num_parts,
-                         provenance)
-        stats.keys.append(key.stem)
+    pending = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer_thread:
+            for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], job.options.batch_size,
+                                         skip_corrupt=request.dataset.skip_corrupt):
+                ids, labels = [s.image_id for s in batch], [s.label for s in batch]
+                y = class_labels(request.backbone, len(batch), device)
+                maps = {t: extract_batch(model, torch.from_numpy(x), ids, t, list(request.blocks), request.noise_seed,
+                                         request.max_spatial, request.backbone.schedule, y) for t in request.ts}
+                if pending is not None:
+                    pending.result()
+                pending = writer_thread.submit(_write_batch, writers, maps, labels, ids)
+                stats.images += len(batch)
+                stats.passes += len(batch) * len(request.ts)
+                if on_batch:
+                    on_batch(len(batch))
+            if pending is not None:
+                pending.result()
+        for (t, b), w in writers.items():
+            w.close()
+            stats.keys.append(request.key(t, b).stem)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
-def read_features(store: FeatureStore, backbone: BackboneSpec, dataset: DatasetSpec, split: str, t: int,
-                  block: int, noise_seed: int, max_spatial: int) -> FeatureArray:
-    return store.read(feature_key(backbone, dataset, split, t, block, noise_seed, max_spatial))
+def _write_batch(writers: dict, maps: dict, labels: list[int], ids: list[str]) -> None:
+    for (t, b), w in writers.items():
+        w.write(maps[t][b], labels, ids)
+
+
+def fill_request(request: FeatureRequest, options: FillOptions, verify: bool = False, device: str | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> ExtractStats:
+    """Fill what `request` lacks in this process, part after part (no Ray): the loop every
+    in-process caller shares."""
+    total = ExtractStats()
+    for sub in request.missing(FeatureStore(options.store_root), verify):
+        for job in plan_parts(sub, options):
+            stats = fill_part(job, device, on_batch)
+            total.images += stats.images
+            total.passes += stats.passes
+            total.seconds += stats.seconds
+            total.keys.extend(stats.keys)
+    return total
+
+
+def read_map(store: FeatureStore, request: FeatureRequest, t: int, block: int, verify: bool = True) -> FeatureArray:
+    return store.read(request.key(t, block), verify=verify)

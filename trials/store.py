@@ -1,13 +1,18 @@
 """FeatureStore: content-addressed, memory-mapped Arrow IPC files of frozen U-Net features.
 
-One key = one (checkpoint, model config, dataset split + file list, preprocessing, t, noise seed,
-block, spatial cap). A key is stored as one or more *parts* (one per shard of image ranges):
-`<root>/<dataset>/<split>/t<T>_b<B>_<hash>.part-<i>-of-<n>.arrow`. Each part is written to a temporary
-name and renamed, and carries a checksum of its feature bytes in the IPC footer, so a half-written or
-corrupted part is never served: readers validate and callers recompute.
+One key = one (checkpoint, model config and class label, dataset split + file list, preprocessing,
+numeric path, t, noise seed, block, spatial cap[, pool]). A key is stored as one or more *parts*
+(byte-bounded image ranges): `<root>/<dataset>/<split>/t<T>_b<B>_<hash>.part-<i>-of-<n>.arrow`.
 
-Local paths are memory-mapped (zero-copy: a trial's RSS does not grow with the dataset); any other
-`pyarrow.fs` URI (s3://, gs://, a mounted NFS path) is read through that filesystem.
+A part is *streamed*: `PartWriter` appends one record batch per image batch to a temporary file, so
+a writer holds one batch, not one part, whatever the dataset's size; the file is renamed into place
+only when complete. Every record batch carries a checksum of its feature bytes in its custom
+metadata, so a half-written or corrupted part is never served: readers validate, callers recompute.
+A part that verified once is remembered on this node (a marker keyed by path, size and mtime), so
+trial starts do not re-hash whole files.
+
+Local paths are memory-mapped (zero-copy: a trial's anonymous memory does not grow with the
+dataset); any other `pyarrow.fs` URI (s3://, gs://) is read record batch by record batch on demand.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 CHECKSUM = b"diffsweep.checksum"
+FORMAT = 2  # record-batch checksums (bumped from footer checksums); part of every key's digest
 
 
 def _checksum(features: np.ndarray) -> bytes:
@@ -50,15 +57,22 @@ class FeatureKey:
     noise_seed: int
     block: int
     max_spatial: int
+    class_label: str = ""  # class-conditional models: the fixed label id, or "mean"
+    numeric: str = "cpu-fp32"  # the numeric path that computed it ("cpu-fp32", or "cuda-bf16" on a GPU)
+    pool: int = 0  # 0: the stored map; p > 0: its p×p adaptive-average-pooled cache (float32)
 
     @property
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps({**asdict(self), "format": FORMAT}, sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=10).hexdigest()
 
     @property
     def stem(self) -> str:
-        return f"{self.dataset}/{self.split}/t{self.t}_b{self.block}_{self.digest}"
+        pooled = f"_p{self.pool}" if self.pool else ""
+        return f"{self.dataset}/{self.split}/t{self.t}_b{self.block}{pooled}_{self.digest}"
+
+    def pooled(self, pool: int) -> "FeatureKey":
+        return FeatureKey(**{**asdict(self), "pool": int(pool)})
 
 
 def files_digest(image_ids: list[str], labels: list[int]) -> str:
@@ -68,11 +82,24 @@ def files_digest(image_ids: list[str], labels: list[int]) -> str:
     return h.hexdigest()
 
 
+class LazyBatch:
+    """One record batch of a remote part, read when a row of it is first wanted (then dropped)."""
+
+    def __init__(self, reader: ipc.RecordBatchFileReader, index: int, rows: int, shape: tuple[int, ...], dtype):
+        self.reader, self.index, self.shape, self.dtype = reader, index, (rows, *shape), dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.reader.get_batch(self.index).column("features").to_numpy_ndarray()[rows]
+
+
 @dataclass
 class FeatureArray:
-    """Rows of one key across its parts, gathered on demand from memory-mapped buffers."""
+    """Rows of one key across its record batches, gathered on demand (memory-mapped when local)."""
 
-    parts: list[np.ndarray]  # each (n_i, C, H, W) float16, usually memory-mapped
+    parts: list  # each (n_i, C, H, W): an ndarray view on the memory map, or a LazyBatch (remote)
     labels: np.ndarray
     image_ids: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -88,17 +115,90 @@ class FeatureArray:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.parts[0].shape[1:])
 
+    @property
+    def dtype(self):
+        return self.parts[0].dtype
+
     def take(self, indices: np.ndarray) -> np.ndarray:
-        """Copy just the requested rows (a batch) out of the mapped parts."""
+        """Copy just the requested rows (a batch) out of the mapped (or remote) record batches."""
         indices = np.asarray(indices)
         if len(self.parts) == 1:
-            return self.parts[0][indices]
+            return np.asarray(self.parts[0][indices])
         part = np.searchsorted(self._offsets, indices, side="right") - 1
-        out = np.empty((len(indices), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        out = np.empty((len(indices), *self.shape[1:]), dtype=self.dtype)
         for p in np.unique(part):
             sel = part == p
             out[sel] = self.parts[p][indices[sel] - self._offsets[p]]
         return out
+
+    def iter_rows(self, rows: int = 4096):
+        """(start, rows of features) in order, at most `rows` (or one record batch) at a time."""
+        start = 0
+        for p in self.parts:
+            for lo in range(0, len(p), rows):
+                chunk = np.asarray(p[lo:lo + rows])
+                yield start, chunk
+                start += len(chunk)
+
+
+def _verified_marker(path: str, info: pafs.FileInfo) -> str:
+    folder = os.environ.get("DIFFSWEEP_VERIFIED_DIR") or os.path.join(tempfile.gettempdir(), "diffsweep-verified")
+    name = hashlib.blake2b(f"{path}\t{info.size}\t{info.mtime_ns}".encode(), digest_size=16).hexdigest()
+    return os.path.join(folder, name)
+
+
+class PartWriter:
+    """Stream one part: `write(features, labels, ids)` per image batch, renamed into place on close.
+
+    Leaving the `with` block by an exception deletes the temporary file: nothing half-written is
+    ever visible under the final name."""
+
+    def __init__(self, store: "FeatureStore", key: FeatureKey, part: int, num_parts: int, shape: tuple[int, ...],
+                 provenance: dict[str, Any] | None = None, dtype=np.float16):
+        self.store, self.final, self.dtype = store, store.part_path(key, part, num_parts), np.dtype(dtype)
+        self.tmp = f"{self.final}.{uuid.uuid4().hex}.tmp"
+        self.rows = 0
+        meta = {"diffsweep.key": json.dumps(asdict(key)),
+                **{f"diffsweep.{k}": json.dumps(v) for k, v in (provenance or {}).items()}}
+        value_type = pa.from_numpy_dtype(self.dtype)
+        self.schema = pa.schema([("features", pa.fixed_shape_tensor(value_type, list(shape))),
+                                 ("label", pa.int32()), ("image_id", pa.string())], metadata=meta)
+        store.fs.create_dir(self.final.rsplit("/", 1)[0], recursive=True)
+        self.sink = store.fs.open_output_stream(self.tmp)
+        self.writer = ipc.new_file(self.sink, self.schema)
+
+    def write(self, features: np.ndarray, labels, image_ids: list[str]) -> None:
+        features = np.ascontiguousarray(features, dtype=self.dtype)
+        batch = pa.record_batch([pa.FixedShapeTensorArray.from_numpy_ndarray(features),
+                                 pa.array(np.asarray(labels, dtype=np.int32)),
+                                 pa.array(list(image_ids), type=pa.string())], schema=self.schema)
+        self.writer.write_batch(batch, custom_metadata={CHECKSUM: _checksum(features)})
+        self.rows += len(features)
+
+    def close(self) -> str:
+        self.writer.close()
+        self.sink.close()
+        self.store.fs.move(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+            self.sink.close()
+        finally:
+            try:
+                self.store.fs.delete_file(self.tmp)
+            except (FileNotFoundError, OSError):
+                pass
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class FeatureStore:
@@ -131,68 +231,74 @@ class FeatureStore:
     def has(self, key: FeatureKey) -> bool:
         return bool(self._part_paths(key))
 
+    def nbytes(self, key: FeatureKey) -> int:
+        """Bytes on disk of a stored key (0 when absent)."""
+        return sum(i.size for i in self.fs.get_file_info(self._part_paths(key)))
+
     # -- writing -------------------------------------------------------------------------------
+    def part_writer(self, key: FeatureKey, part: int, num_parts: int, shape: tuple[int, ...],
+                    provenance: dict[str, Any] | None = None, dtype=np.float16) -> PartWriter:
+        return PartWriter(self, key, part, num_parts, tuple(shape), provenance, dtype)
+
     def write_part(self, key: FeatureKey, features: np.ndarray, labels: np.ndarray, image_ids: list[str],
                    part: int = 0, num_parts: int = 1, provenance: dict[str, Any] | None = None) -> str:
-        """Write one part atomically: temporary name, then rename."""
-        features = np.ascontiguousarray(features, dtype=np.float16)
-        table = pa.table({
-            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(features),
-            "label": pa.array(np.asarray(labels, dtype=np.int32)),
-            "image_id": pa.array(list(image_ids), type=pa.string()),
-        })
-        meta = {"diffsweep.key": json.dumps(asdict(key)), **{f"diffsweep.{k}": json.dumps(v)
-                                                              for k, v in (provenance or {}).items()}}
-        table = table.replace_schema_metadata(meta)
-        final = self.part_path(key, part, num_parts)
-        tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        footer = {CHECKSUM: _checksum(features)}
-        with self.fs.open_output_stream(tmp) as sink:
-            with ipc.new_file(sink, table.schema, metadata=footer) as writer:
-                writer.write_table(table)
-        self.fs.move(tmp, final)
-        return final
+        """Write one whole part (one record batch) atomically: temporary name, then rename."""
+        with self.part_writer(key, part, num_parts, features.shape[1:], provenance) as w:
+            w.write(features, labels, image_ids)
+        return w.final
 
     def write(self, key: FeatureKey, features: np.ndarray, labels: np.ndarray, image_ids: list[str],
               provenance: dict[str, Any] | None = None) -> str:
         return self.write_part(key, features, labels, image_ids, 0, 1, provenance)
 
     # -- reading -------------------------------------------------------------------------------
-    def _read_part(self, path: str, verify: bool) -> tuple[np.ndarray, pa.Table]:
+    def _read_part(self, path: str, verify: bool) -> tuple[list, np.ndarray, list[str], dict[str, str]]:
+        marker = None
         try:
+            if verify:  # a part verified once on this node is not re-hashed at every trial start
+                info = self.fs.get_file_info(path)
+                marker = _verified_marker(path, info)
+                verify = not os.path.exists(marker)
             source = pa.memory_map(path) if self.local else self.fs.open_input_file(path)
             reader = ipc.open_file(source)
-            table = reader.read_all()
-            table.validate(full=verify)
-            column = table.column("features")
-            # one chunk (the usual case) is read in place; combine_chunks would copy it out of the map
-            chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-            features = chunk.to_numpy_ndarray()
-            if verify:
-                want = (reader.metadata or {}).get(CHECKSUM)
-                got = _checksum(features)
-                if want != got:
-                    raise CorruptFeatureFile(f"feature file {path}: checksum mismatch")
+            tensor_type = reader.schema.field("features").type
+            shape, dtype = tuple(tensor_type.shape), tensor_type.value_type.to_pandas_dtype()
+            chunks, labels, ids = [], [], []
+            for i in range(reader.num_record_batches):
+                batch, meta = reader.get_batch_with_custom_metadata(i)
+                if verify:
+                    batch.validate(full=True)
+                features = batch.column("features").to_numpy_ndarray()
+                if verify and (meta or {}).get(CHECKSUM) != _checksum(features):
+                    raise CorruptFeatureFile(f"feature file {path}: checksum mismatch in record batch {i}")
+                # local: a zero-copy view on the map; remote: dropped now, re-read on demand
+                chunks.append(features if self.local else LazyBatch(reader, i, len(features), shape, dtype))
+                labels.append(batch.column("label").to_numpy())
+                ids.extend(batch.column("image_id").to_pylist())
+            metadata = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
         except CorruptFeatureFile:
             raise
         except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError, ValueError) as e:
             raise CorruptFeatureFile(f"feature file {path}: unreadable ({str(e).splitlines()[0][:120]})") from None
-        return features, table
+        if marker:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+        empty = np.zeros((0, *shape), dtype)
+        return chunks or [empty], np.concatenate(labels) if labels else np.zeros(0, np.int32), ids, metadata
 
     def read(self, key: FeatureKey, verify: bool = True) -> FeatureArray:
         """All parts of `key`; raises KeyError if absent, CorruptFeatureFile if damaged."""
         paths = self._part_paths(key)
         if not paths:
             raise KeyError(key.stem)
-        parts, labels, ids, meta = [], [], [], {}
+        chunks, labels, ids, meta = [], [], [], {}
         for path in paths:
-            features, table = self._read_part(path, verify)
-            parts.append(features)
-            labels.append(table.column("label").to_numpy())
-            ids.extend(table.column("image_id").to_pylist())
-            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        return FeatureArray(parts, np.concatenate(labels), ids, meta)
+            c, lab, i, meta = self._read_part(path, verify)
+            chunks.extend(c)
+            labels.append(lab)
+            ids.extend(i)
+        chunks = [c for c in chunks if len(c)] or chunks[:1]
+        return FeatureArray(chunks, np.concatenate(labels), ids, meta)
 
     def delete(self, key: FeatureKey) -> None:
         for path in self._part_paths(key) or []:

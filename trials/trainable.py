@@ -1,7 +1,9 @@
 """The Ray Tune trainable: one trial = one (dataset, t, block(s), pool, head, hyper-parameters).
 
 This is the only module in `trials` that talks to Ray Tune. Features come from the store; when a key
-is missing (first use, or a corrupted file) the sweep's coordinator extracts it exactly once.
+is missing (first use, or a corrupted file) it is computed exactly once cluster-wide
+(`trials.coordinator.ensure_in_trial`). Pooled heads read the map's pooled cache, made once per
+(t, block, pool) and shared by every trial, not the full map per batch.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import ray
 import torch
 from ray import tune
 
-from trials.coordinator import get_coordinator
-from trials.features import BackboneSpec, DatasetSpec, dataset_splits, read_features
+from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
+from trials.features import BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, dataset_splits
 from trials.heads import POOLED_HEADS, param_count
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
@@ -29,13 +31,25 @@ class TrialSetup:
     sweep: str
     backbone: BackboneSpec
     datasets: dict[str, DatasetSpec]
-    store_root: str
+    fill: FillOptions
     noise_seed: int
     space_blocks: dict[int, tuple[int, ...]]  # t -> every block the space may read at t (one pass each)
     recipe: Recipe = field(default_factory=Recipe)
     max_spatial: int = 16
+    numeric: str = "cpu-fp32"  # the sweep's numeric path (part of every feature key)
+    space_pools: tuple[int, ...] = (1,)  # every pool the space may ask (one pass builds all caches)
     seed: int = 0
     extract_options: dict = field(default_factory=dict)
+
+    @property
+    def store_root(self) -> str:
+        return self.fill.store_root
+
+    def request(self, dataset: str, split: str, t: int, blocks: tuple[int, ...] | None = None) -> FeatureRequest:
+        """The request for every block the space reads at t (one U-Net pass covers them all)."""
+        return FeatureRequest(self.backbone, self.datasets[dataset], split, (int(t),),
+                              tuple(sorted(blocks or self.space_blocks.get(int(t), ()))), self.noise_seed,
+                              self.max_spatial, self.numeric)
 
 
 def trial_maps(config: dict[str, Any]) -> list[tuple[int, int]]:
@@ -53,34 +67,44 @@ def head_hparams(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int, int]],
-               coordinator=None) -> list[FeatureArray]:
-    """Read the maps of one split, extracting (once, cluster-wide) what is missing or corrupt."""
+def trial_device() -> str:
+    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+
+
+def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int, int]], pool: int | None = None,
+               coordinator=None, device: str = "cpu") -> list[FeatureArray]:
+    """Read the maps of one split (or, with `pool`, their pooled caches), computing once,
+    cluster-wide, what is missing or corrupt (in this process when Ray is not running)."""
     store = FeatureStore(setup.store_root)
-    spec = setup.datasets[dataset]
+    if coordinator is None and ray.is_initialized():
+        coordinator = get_coordinator(setup.sweep, setup.extract_options)
     out = []
     for t, block in maps:
-        args = (store, setup.backbone, spec, split, t, block, setup.noise_seed, setup.max_spatial)
+        request = setup.request(dataset, split, t, tuple(sorted(set(setup.space_blocks.get(t, ())) | {block})))
+        key = request.key(t, block)
         try:
-            out.append(read_features(*args))
-            continue
+            array = store.read(key, verify=True)
         except (KeyError, CorruptFeatureFile):
-            pass
-        coordinator = coordinator or get_coordinator(setup.sweep, setup.store_root, setup.extract_options)
-        blocks = setup.space_blocks.get(t, (block,))
-        ray.get(coordinator.ensure.remote(setup.backbone, spec, split, t, tuple(sorted(set(blocks) | {block})),
-                                          setup.noise_seed, setup.max_spatial, True))
-        out.append(read_features(*args))
+            ensure_in_trial(coordinator, request, setup.fill, device)
+            array = store.read(key, verify=True)
+        if pool is not None:
+            array = read_pooled(coordinator, store, request, t, block, pool, setup.space_pools)
+        out.append(array)
     return out
+
+
+def trial_pool(config: dict[str, Any]) -> int | None:
+    """The pool a pooled head reads (its cache is what the trial loads), None for spatial heads."""
+    return int(config["pool"]) if config["head"] in POOLED_HEADS else None
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: reports val_acc / train_loss / epoch once per epoch, with a checkpoint."""
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    device = trial_device()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    maps = trial_maps(config)
-    train = load_split(setup, config["dataset"], "train", maps)
-    val = load_split(setup, config["dataset"], "val", maps)
+    maps, pool = trial_maps(config), trial_pool(config)
+    train = load_split(setup, config["dataset"], "train", maps, pool, device=device)
+    val = load_split(setup, config["dataset"], "val", maps, pool, device=device)
     num_classes = len(dataset_splits(setup.datasets[config["dataset"]])[0])
     trainer = HeadTrainer(config["head"], head_hparams(config), train, num_classes, setup.recipe, setup.seed, device)
     checkpoint = tune.get_checkpoint()

@@ -316,8 +316,9 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
         if self.config.class_cond:
             if y is None:
-                raise ValueError("this U-Net is class-conditional: pass y (class labels)")
-            emb = emb + self.label_emb(y)
+                raise ValueError("this U-Net is class-conditional: pass y (class labels, or \"mean\")")
+            # "mean": the mean label embedding, a class-neutral reading of a conditional model
+            emb = emb + (self.label_emb.weight.mean(0) if isinstance(y, str) else self.label_emb(y))
         return emb
 
     def blocks(self) -> list[nn.Module]:

@@ -28,4 +28,12 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Datase
     return module.load(root, **options)
 
 
-__all__ = ["REGISTRY", "DatasetError", "DatasetSplits", "Sample", "load_dataset"]
+def published_sizes(name: str) -> tuple[int, dict[str, int]] | None:
+    """(classes, {split: images}) of the dataset's published archive, for planning a sweep before
+    the data is on this machine; None for datasets without a fixed published size."""
+    if name not in REGISTRY:
+        raise DatasetError(f"unknown dataset '{name}'; known: {', '.join(REGISTRY)}")
+    return getattr(importlib.import_module(f"trials.datasets.{REGISTRY[name]}"), "PUBLISHED", None)
+
+
+__all__ = ["REGISTRY", "published_sizes", "DatasetError", "DatasetSplits", "Sample", "load_dataset"]

@@ -16,6 +16,8 @@ from trials.datasets.base import DatasetError, DatasetSplits, Sample, find_root,
 from trials.datasets.cub import read_rows
 
 DATASET = "aircraft"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (100, {"train": 3334, "val": 3333, "test": 3333})
 LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 SPLITS = ("train", "val", "test")
 

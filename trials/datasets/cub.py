@@ -17,6 +17,8 @@ from pathlib import Path
 from trials.datasets.base import DatasetError, DatasetSplits, Sample, find_root, image_path, require_file
 
 DATASET = "cub"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (200, {"train": 5994, "test": 5794})
 FOLDER = "CUB_200_2011"
 MARKER = "images.txt"
 

@@ -18,6 +18,8 @@ import numpy as np
 from trials.datasets.base import DatasetError, DatasetSplits, Sample, find_root, image_path, require_file
 
 DATASET = "flowers102"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (102, {"train": 1020, "val": 1020, "test": 6149})
 SPLITS = {"train": "trnid", "val": "valid", "test": "tstid"}
 
 

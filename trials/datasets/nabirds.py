@@ -16,6 +16,8 @@ from trials.datasets.base import DatasetError, DatasetSplits, Sample, image_path
 from trials.datasets.cub import locate, numeric_ids, read_listing, read_mapping
 
 DATASET = "nabirds"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (555, {"train": 23929, "test": 24633})
 FOLDER = "nabirds"
 
 

@@ -49,3 +49,17 @@ def sweep_splits(data: DatasetSplits, val_fraction: float, seed: int,
     out = {"train": train, "val": val, "test": test}
     limits = limits or {}
     return {k: subsample(v, limits.get(k), seed) for k, v in out.items()}
+
+
+def sweep_split_sizes(published: dict[str, int], val_fraction: float,
+                      limits: dict[str, int | None] | None = None) -> dict[str, int]:
+    """What `sweep_splits` makes of a dataset with these official split sizes, in image counts
+    (val carved as a whole rather than per class: within a few images of the real carve)."""
+    train, test = published["train"], published.get("test", published.get("val"))
+    if "test" in published and "val" in published:
+        val = published["val"]
+    else:
+        val = min(int(round(val_fraction * train)), train - 1)
+        train -= val
+    limits = limits or {}
+    return {k: min(n, limits.get(k) or n) for k, n in {"train": train, "val": val, "test": test}.items()}

@@ -16,6 +16,8 @@ from trials.datasets.base import DatasetError, DatasetSplits, Sample, find_root,
 from trials.datasets.flowers102 import mat_ints, mat_strings, read_mat
 
 DATASET = "stanford_cars"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (196, {"train": 8144, "test": 8041})
 SPLITS = {"train": ("devkit/cars_train_annos.mat", "cars_train"),
           "test": ("cars_test_annos_withlabels.mat", "cars_test")}
 

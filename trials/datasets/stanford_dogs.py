@@ -15,6 +15,8 @@ from trials.datasets.base import DatasetError, DatasetSplits, Sample, find_root,
 from trials.datasets.flowers102 import mat_ints, mat_strings, read_mat
 
 DATASET = "stanford_dogs"
+# the published archive's classes and official split sizes (`diffsweep plan --published-sizes`)
+PUBLISHED = (120, {"train": 12000, "test": 8580})
 SPLITS = {"train": "train_list.mat", "test": "test_list.mat"}
 
 
