@@ -30,13 +30,23 @@ def test_trial_memory_quick():
     assert re.fullmatch(rf"rss_growth_mb={NUMBER} anon_growth_mb={NUMBER}", line), line
 
 
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs dataset-fashion-mnist")
+def test_scale_quick():
+    line = last_line("scale.py", "--quick", timeout=420)
+    m = re.fullmatch(rf"extract_rss_ratio=({NUMBER}) trial_kb_per_image=({NUMBER}) pooled_epoch_speedup=({NUMBER}) "
+                     rf"ckpt_per_trial=(?P<ckpt>{NUMBER}) plan_bytes_error=({NUMBER})", line)
+    assert m, line
+    assert float(m.group("ckpt")) <= 2  # checkpoints kept per finished trial: a count, not a timing
+
+
 def test_ddpm_train_throughput_quick():
     line = last_line("ddpm_train_throughput.py", "--quick")
     assert re.fullmatch(rf"ratio={NUMBER}", line), line
 
 
 @pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
-                                    "search_efficiency.py", "representation.py", "ddpm_train_throughput.py"])
+                                    "search_efficiency.py", "representation.py", "ddpm_train_throughput.py",
+                                    "scale.py"])
 def test_help(script):
     assert "usage:" in subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout

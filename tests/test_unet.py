@@ -414,12 +414,13 @@ def test_blocks_command_text_and_json():
     text = blocks_command("adm-256-uncond", as_json=False)
     lines = text.splitlines()
     assert len(lines) == 1 + 37
-    assert lines[0].split() == ["block", "module", "channels", "resolution"]
-    assert lines[24].split() == ["24", "output_blocks.4", "1024", "16x16"]
+    assert lines[0].split()[:5] == ["block", "module", "channels", "resolution", "head"]
+    assert lines[24].split() == ["24", "output_blocks.4", "1024", "16x16", "16x16"]
+    assert lines[30].split() == ["30", "output_blocks.10", "512", "64x64", "16x16", "(pooled)"]
     assert lines[19].split()[:2] == ["19", "middle_block"]
     rows = json.loads(blocks_command("adm-256-uncond", as_json=True))
-    assert len(rows) == 37 and all(set(r) == {"number", "module", "channels", "resolution"} for r in rows)
-    assert rows[23] == {"number": 24, "module": "output_blocks.4", "channels": 1024, "resolution": 16}
+    assert len(rows) == 37 and all(set(r) == {"number", "module", "channels", "resolution", "head_sees"} for r in rows)
+    assert rows[23] == {"number": 24, "module": "output_blocks.4", "channels": 1024, "resolution": 16, "head_sees": 16}
     assert [r["number"] for r in rows] == list(range(1, 38))
 
 
