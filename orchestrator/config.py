@@ -98,9 +98,16 @@ class Space(Strict):
     def _heads(cls, v: dict) -> dict:
         if not v:
             raise ValueError("no heads; name at least one of " + ", ".join(HEADS))
-        for name in v:
+        from trials.heads import head_hyperparameters
+        from trials.train_head import OPTIM_PARAMS
+        for name, params in v.items():
             if name not in HEADS:
                 raise ValueError(f"unknown head '{name}'; use one of {', '.join(HEADS)}")
+            known = (*head_hyperparameters(name), *OPTIM_PARAMS)
+            for param in params or {}:
+                if param not in known:
+                    raise ValueError(f"{name}.{param}: head '{name}' has no parameter '{param}'; "
+                                     f"use one of {', '.join(known)}")
         return v
 
     @model_validator(mode="after")
@@ -172,6 +179,21 @@ class SweepConfig(Strict):
     tracking: Tracking = Tracking()
     storage_path: str = "runs/ray"
     export_dir: str = "exported"
+
+    @model_validator(mode="after")
+    def _warm_start_keys(self) -> "SweepConfig":
+        """A warm start names the space's own parameters: head, t, block, pool, <head>.<param>."""
+        for i, point in enumerate(self.search.warm_start):
+            head = point.get("head")
+            if head not in self.space.head:
+                raise ValueError(f"search.warm_start[{i}].head: {head!r} is not a head of the space; use one "
+                                 f"of {', '.join(self.space.head)}")
+            known = {"head", "t", "block", "pool", "fusion.maps", *(f"{head}.{p}" for p in self.space.head[head])}
+            for key in point:
+                if key not in known:
+                    raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "
+                                     f"space; use one of {', '.join(sorted(known))}")
+        return self
 
     @field_validator("datasets")
     @classmethod

@@ -95,7 +95,9 @@ class PerDatasetOptunaSearch(Searcher):
                 for point in list(cfg.search.warm_start) + grid:
                     study.enqueue_trial(point, skip_if_exists=True)
             self.studies[d.name] = study
-            self.budget[d.name] = len(grid) if grid else cfg.search.num_samples
+            # grid: every point once, plus the warm starts that are not grid points themselves
+            extra = [w for w in cfg.search.warm_start if w not in grid]
+            self.budget[d.name] = len(grid) + len(extra) if grid else cfg.search.num_samples
         self.asked = {d: 0 for d in self.studies}
         self.live: dict[str, tuple[str, int]] = {}  # Tune trial id -> (dataset, Optuna trial number)
         self._handles: dict[str, optuna.Trial] = {}  # not saved: rebuilt from `live` after a restore

@@ -50,6 +50,15 @@ CASES = {
     # a path under a plain file cannot be created, even by root
     "export dir not writable": (lambda tmp: edit(tiny_space(write(tmp / "a-file", "x").parent), lambda s: s.update(
         export_dir=str(tmp / "a-file" / "exported"))), "a-file/exported is not writable"),
+    "head parameter name": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"]["head"].update(
+        linear={"lrr": [0.01]})), "linear.lrr: head 'linear' has no parameter 'lrr'"),
+    "warm start key": (lambda tmp: edit(tiny_space(tmp), lambda s: s["search"].update(warm_start=[
+        {"head": "linear", "t": 10, "block": 4, "pool": 1, "linear.lrr": 0.01}])),
+        "search.warm_start[0].linear.lrr: not a parameter"),
+    "limit below classes": (lambda tmp: edit(tiny_space(tmp), lambda s: s["datasets"][0].update(
+        limit={"val": 5})), "limit.val = 5 is below its 10 classes"),
+    "conditional model without class_label": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
+        checkpoint={"arch": "adm-64-cond", "random_weights": True})), "checkpoint.class_label"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }

@@ -40,3 +40,23 @@ def test_warm_start_is_tried_first(tmp_path):
     first = s.suggest("x")
     assert {k: first[k] for k in ("head", "t", "block", "pool", "linear.lr")} == \
         {"head": "linear", "t": 200, "block": 8, "pool": 2, "linear.lr": 0.005}
+
+
+def test_grid_with_warm_starts_still_covers_every_grid_point(tmp_path):
+    import json
+
+    from orchestrator.search import grid_points
+    warm = [{"head": "linear", "t": 200, "block": 8, "pool": 2, "linear.lr": 0.005},  # lr off the grid midpoint
+            {"head": "mlp", "t": 10, "block": 4, "pool": 1, "mlp.hidden": 32}]  # a grid point
+    cfg = load_config(tiny_space(tmp_path, name="gw", datasets=[{"name": "digits"}],
+                                 heads={"linear": {"lr": {"low": 0.001, "high": 0.01, "log": True}},
+                                        "mlp": {"hidden": [32]}},
+                                 sampler="grid", warm_start=warm))
+    s = PerDatasetOptunaSearch(cfg)
+    seen = []
+    while (config := s.suggest(f"trial-{len(seen)}")) != "FINISHED":
+        seen.append(json.dumps({k: v for k, v in config.items() if k != "dataset"}, sort_keys=True))
+        s.on_trial_complete(f"trial-{len(seen) - 1}", {"epoch": 3, "val_acc": 0.5})
+    grid = {json.dumps(g, sort_keys=True) for g in grid_points(cfg.space)}
+    assert len(seen) == len(set(seen)) == len(grid) + 1  # every grid point once, plus the extra warm start
+    assert grid <= set(seen) and json.dumps(warm[0], sort_keys=True) in seen

@@ -7,6 +7,8 @@ of several (t, block) maps at once, the DifFormer idea).
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Sequence
 
 import torch
@@ -133,16 +135,27 @@ class FusionHead(AttentionHead):
         super().__init__(list(channels), list(spatial), num_classes, **kw)
 
 
+HEAD_CLASSES = {"linear": LinearHead, "mlp": MLPHead, "cnn": CNNHead, "attention": AttentionHead,
+                "fusion": FusionHead}
+
+
+def head_hyperparameters(head: str) -> tuple[str, ...]:
+    """The architecture parameters a head's builder takes (what `space.head.<head>` may search, with
+    the optimisation settings). `pool` comes from `space.pool`, not from the head's own entry."""
+    cls = HEAD_CLASSES[head]
+    init = (AttentionHead if cls is FusionHead else cls).__init__
+    skip = {"self", "channels", "spatial", "num_classes", "pool"}
+    return tuple(p for p in inspect.signature(init).parameters if p not in skip)
+
+
 def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence[int], num_classes: int,
                **hparams: Any) -> nn.Module:
     """Build a head by name. Hyper-parameters that the head does not take are an error."""
-    classes = {"linear": LinearHead, "mlp": MLPHead, "cnn": CNNHead, "attention": AttentionHead,
-               "fusion": FusionHead}
-    if head not in classes:
+    if head not in HEAD_CLASSES:
         raise ValueError(f"unknown head '{head}'; known: {', '.join(HEADS)}")
     if head != "fusion" and not isinstance(channels, int):
         raise ValueError(f"head '{head}' reads one map; use 'fusion' for several")
-    return classes[head](channels, spatial, num_classes, **hparams)
+    return HEAD_CLASSES[head](channels, spatial, num_classes, **hparams)
 
 
 def build_head_for_maps(head: str, shapes: Sequence[Sequence[int]], num_classes: int, **hparams: Any) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trials.datasets.base import DatasetSplits, Sample
+from trials.datasets.base import DatasetError, DatasetSplits, Sample
 
 
 def _stratified_pick(samples: list[Sample], count, seed: int) -> np.ndarray:
@@ -48,6 +48,12 @@ def sweep_splits(data: DatasetSplits, val_fraction: float, seed: int,
         train, val = carve_val(data.splits["train"], val_fraction, seed)
     out = {"train": train, "val": val, "test": test}
     limits = limits or {}
+    for split, limit in limits.items():
+        present = len({s.label for s in out.get(split, [])})
+        if limit is not None and limit < present:
+            # a stratified subset smaller than the class count would drop whole classes
+            raise DatasetError(f"{data.name}: limit.{split} = {limit} is below its {present} classes; set "
+                               f"limit.{split} to at least {present} (or leave it out)")
     return {k: subsample(v, limits.get(k), seed) for k, v in out.items()}
 
 
