@@ -26,8 +26,7 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.space, _overrides(args))
     outcome = run_sweep(cfg, address=args.address)
-    print_summary(cfg, outcome)
-    return 0
+    return print_summary(cfg, outcome)
 
 
 def cmd_plan(args) -> int:
@@ -57,8 +56,7 @@ def cmd_resume(args) -> int:
                           "--storage-path")
     cfg = SweepConfig.model_validate(json.loads(state_path.read_text())["config"])
     outcome = run_sweep(cfg, address=args.address, resume=True)
-    print_summary(cfg, outcome)
-    return 0
+    return print_summary(cfg, outcome)
 
 
 def cmd_status(args) -> int:

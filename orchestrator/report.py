@@ -6,7 +6,17 @@ import json
 from pathlib import Path
 
 
-def print_summary(cfg, outcome) -> None:
+def print_trial_errors(table) -> None:
+    """One line per failed trial, with where its full traceback is (trials log to their own files)."""
+    if "error" not in table:
+        return
+    for _, row in table[table.status == "failed"].iterrows():
+        print(f"trial {row['trial_id']} ({row['dataset']}, {row['head']}, t={row['t']}, block={row['block']}) "
+              f"failed: {row['error']}; full log: {row['log']}", flush=True)
+
+
+def print_summary(cfg, outcome) -> int:
+    """Print the results; 1 when a dataset has no selected configuration (no trial finished)."""
     table = outcome.results
     counts = table.status.value_counts().to_dict() if len(table) else {}
     print()
@@ -21,7 +31,13 @@ def print_summary(cfg, outcome) -> None:
               f"{s['test_acc']:>8.4f}")
     missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected))
     for dataset in missing:
-        print(f"{dataset:<16} no trial ran to max_t; raise num_samples or lower asha.reduction_factor")
+        rows = table[(table.dataset == dataset)] if len(table) else table
+        failed = rows[rows.status == "failed"] if len(rows) else rows
+        if len(failed):
+            print(f"{dataset:<16} no trial finished: {len(failed)} of {len(rows)} failed; first error: "
+                  f"{failed.iloc[0]['error']} (full log: {failed.iloc[0]['log']})")
+        else:
+            print(f"{dataset:<16} no trial ran to max_t; raise num_samples or lower asha.reduction_factor")
     print()
     print(f"exported: {Path(outcome.export_dir).resolve()}/ (<dataset>.yaml + <dataset>.safetensors, results.parquet)")
     if outcome.tracking_gaps:
@@ -31,6 +47,7 @@ def print_summary(cfg, outcome) -> None:
     print(f"inspect:  {ui}   (experiment '{cfg.experiment}', parent run {outcome.parent_run_id})")
     for dataset, s in outcome.selected.items():
         print(f"try:      diffsweep evaluate --config {s['yaml']} --split test")
+    return 1 if missing else 0
 
 
 def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
@@ -54,14 +71,23 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
         state = trial.status
         if state == "TERMINATED":  # Tune says terminated; ASHA-stopped and finished trials differ by epochs
             state = trial_status(int(last.get("epoch", 0)), max_t, errored=False).upper()
+        error = None
+        if trial.error_file and Path(trial.error_file).is_file():
+            from orchestrator.select import error_line
+            error = error_line(Path(trial.error_file).read_text())
         rows.append({"trial_id": trial.trial_id, "state": state,
                      "config": {k: v for k, v in trial.config.items()}, "best_val_acc": best,
-                     "epochs": last.get("epoch")})
+                     "last_val_acc": last.get("val_acc"), "epochs": last.get("epoch"), "error": error})
     if as_json:
         return json.dumps(rows, indent=1)
-    lines = [f"{'trial':<14} {'state':<10} {'epochs':>6} {'best_val':>8}  config"]
+    def acc(v):
+        return f"{v:.4f}" if v is not None else "-"
+
+    lines = [f"{'trial':<14} {'state':<10} {'epochs':>6} {'best val_acc':>12} {'last val_acc':>12}  config"]
     for r in rows:
-        best = f"{r['best_val_acc']:.4f}" if r["best_val_acc"] is not None else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
-        lines.append(f"{r['trial_id']:<14} {r['state']:<10} {r['epochs'] or 0:>6} {best:>8}  {cfg}")
+        lines.append(f"{r['trial_id']:<14} {r['state']:<10} {r['epochs'] or 0:>6} {acc(r['best_val_acc']):>12} "
+                     f"{acc(r['last_val_acc']):>12}  {cfg}")
+        if r["error"]:
+            lines.append(f"{'':<14} error: {r['error']}")
     return "\n".join(lines)

@@ -45,8 +45,18 @@ def results_table(grid, max_t: int) -> pd.DataFrame:
             "status": trial_status(epoch, max_t, result.error is not None),
             "head_params": metrics.get("head_params"),
             "checkpoint": _checkpoint_uri(result.checkpoint),
+            "error": error_line(result.error),
+            "log": str(Path(result.path) / "error.txt") if result.error is not None and result.path else None,
         })
     return pd.DataFrame(rows)
+
+
+def error_line(error) -> str | None:
+    """The last line of a trial's error (Tune wraps the trial's own exception; its message is last)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _checkpoint_uri(checkpoint) -> str | None:

@@ -179,6 +179,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from ray.tune.search import ConcurrencyLimiter
 
     from orchestrator.search import PerDatasetOptunaSearch
+    from orchestrator.report import print_trial_errors
     from orchestrator.select import select_and_export
     from orchestrator.tracking import MlflowTrialCallback, SweepRun, check_reachable
     from trials.trainable import train_trial
@@ -237,6 +238,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
           f"MLflow {cfg.tracking.uri} (experiment '{cfg.experiment}')", flush=True)
     grid = tuner.fit()
     outcome = select_and_export(cfg, setup, grid, parent, callback)
+    print_trial_errors(outcome.results)
     parent.finish("FINISHED")
     del coordinator  # the sweep's features are all made: the actor may go
     return outcome
