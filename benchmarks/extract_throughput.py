@@ -20,6 +20,16 @@ for several blocks should cost what the deepest one costs.
 uses, so the figure is what a sweep gets. The multi-block comparison runs eager: each compiled
 variant is another graph to compile (~45 s each on adm-256-uncond).
 
+--end-to-end adds what users pay for: images/s of the store fill itself (`trials.features.fill_request`:
+decode, seeded noise, forward, pool, write, with its prefetch and writer threads and the process's
+cached, optionally compiled extractor; the compile is paid in a warm-up fill of other images and
+reported) against the paper's path on the same images (decode on the critical path, fresh
+`torch.randn_like` noise, the full forward with a hook, the feature copied to the host), with the
+busy seconds of each stage. Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the
+truncated network (torch.utils.flop_counter) times the compiled forward's images/s over the device's
+dense bf16 peak. Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`,
+or else synthetic JPEGs written to a temp folder (`--jpegs`, 500x375, decoded and resized like photos).
+
 --cpu-small (the default without CUDA) runs a small architecture (adm-28-small: blocks 10 for 24,
 and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in a few seconds. The
 >= 8x target is for adm-256-uncond on an H100.
@@ -27,13 +37,18 @@ and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in 
     .venv/bin/python benchmarks/extract_throughput.py --cpu-small
     python benchmarks/extract_throughput.py --batch 64 --compile            # on a GPU machine
     python benchmarks/extract_throughput.py --checkpoint 256x256_diffusion_uncond.pt
+    .venv/bin/python benchmarks/extract_throughput.py --end-to-end --cpu-small
+    python benchmarks/extract_throughput.py --end-to-end --batch 64 --compile   # on a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
@@ -103,9 +118,142 @@ def reference_path(model, block: int, device: str, dtype: torch.dtype | None = N
 def diffsweep_path(model, blocks: list[int], device: str, max_spatial: int, compile_: bool | str):
     """trials.extract.DeviceCapture, the path the store fill uses: early exit, bf16 autocast +
     channels_last on CUDA, pooling and the fp16 cast on the device."""
-    from trials.extract import DeviceCapture
+    from trials.extract import cached_capture
 
-    return DeviceCapture(model.to(device), blocks, pool=max_spatial, compile=compile_)
+    # the process-wide cache the store fill uses: with --end-to-end the fill reuses this compile
+    return cached_capture(model.to(device), blocks, pool=max_spatial, compile=compile_, rows=rows_of(compile_))
+
+
+_ROWS: dict[str, int] = {}
+
+
+def rows_of(compile_) -> int | None:
+    return _ROWS.get("rows") if compile_ else None
+
+
+# dense bf16 tensor-core peaks (no sparsity), by device name
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def truncated_flops(model, block: int, batch: int, device: str, y) -> float:
+    """FLOPs per image of the network up to `block` (torch.utils.flop_counter: matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trials.extract import capture_blocks
+    cfg = model.config
+    x = torch.zeros(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.full((batch,), 90, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            capture_blocks(model, x, t, [block], y=y)
+    return counter.get_total_flops() / batch
+
+
+def synthetic_jpegs(root: Path, n: int) -> Path:
+    """An ImageNet-style folder of n smooth 500x375 JPEGs (train) and a few more (val)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", max(8, n // 8))):
+        for i in range(count):
+            d = root / split / f"c{i % 4}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = rng.random((3, 12, 16)).astype(np.float32)
+            img = np.kron(base, np.ones((1, 32, 32), np.float32))[:, :375, :500]
+            img = (img * 200 + rng.random(img.shape) * 55).clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+            Image.fromarray(img).save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: float | None) -> str:
+    """The store fill against the paper's path on the same images; returns the last line."""
+    import torch.nn.functional as F  # noqa: F401
+
+    from trials.datasets.preprocess import iter_batches
+    from trials.diffusion import q_sample
+    from trials.features import DatasetSpec, FillOptions, fill_request
+
+    if args.cpu_small or device == "cpu":
+        spec = DatasetSpec("fashion_mnist", args.root, 0.1, (("test", batch), ("train", args.images)), seed=0)
+        split, warm_split = "train", "test"
+    else:
+        root = args.root or str(synthetic_jpegs(Path(tempfile.mkdtemp(prefix="e2e-jpegs-")), args.images))
+        spec = DatasetSpec("imagefolder", root, 0.01, (("test", batch), ("train", args.images)), seed=0)
+        split, warm_split = "train", "test"
+    req = common.request(bb, spec, split, (args.t,), (block,), args.max_spatial)
+    samples = req.samples()
+    n = len(samples)
+    cfg = model.config
+    with tempfile.TemporaryDirectory(prefix="e2e-store-") as store:
+        options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
+        t0 = time.perf_counter()
+        fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial), options,
+                     device=device)  # builds (and compiles) this worker's extractor once
+        warm = time.perf_counter() - t0
+        stats = fill_request(req, options, device=device)
+    ours = stats.images / stats.seconds
+
+    # the paper's path: decode, fresh noise, full forward + hook, feature to the host; one batch at a time
+    ref, run_ref = reference_path(model, block, device)
+    y_of = (lambda k: torch.zeros(k, dtype=torch.long, device=device)) if cfg.class_cond else (lambda k: None)
+    stages = {"decode": 0.0, "noise": 0.0, "forward": 0.0}
+    for warm_pass in (True, False):
+        t_all = time.perf_counter()
+        images = 0
+        since = time.perf_counter()
+        for x, chunk in iter_batches(samples[:batch] if warm_pass else samples, cfg.image_size, cfg.in_channels,
+                                     batch):
+            x = torch.from_numpy(x).to(device)
+            sync(device)
+            now = time.perf_counter()
+            stages["decode"] += 0 if warm_pass else now - since
+            since = now
+            xt = q_sample(x, args.t, torch.randn_like(x))
+            sync(device)
+            now = time.perf_counter()
+            stages["noise"] += 0 if warm_pass else now - since
+            since = now
+            run_ref(xt, torch.full((x.shape[0],), args.t, dtype=torch.long, device=device), y_of(x.shape[0]))
+            now = time.perf_counter()
+            stages["forward"] += 0 if warm_pass else now - since
+            since = now
+            images += x.shape[0]
+        paper_seconds = time.perf_counter() - t_all
+    del ref, run_ref
+    paper = images / paper_seconds
+
+    def shares(d: dict, wall: float) -> str:
+        return ", ".join(f"{k} {v:.2f}s ({100 * v / wall:.0f}%)" for k, v in d.items())
+    print(f"end to end, {n} images ({spec.name} {split}), block {block}, t={args.t}, batch {batch}:")
+    print(f"(a) paper's path (decode, fresh noise, full forward + hook, to host): {paper:9.1f} images/s, "
+          f"{paper_seconds:.2f}s; stages: {shares(stages, paper_seconds)}")
+    print(f"(b) store fill (fill_request: decode + noise ahead in a thread, forward, pool, fp16, write behind): "
+          f"{ours:9.1f} images/s, {stats.seconds:.2f}s (after a {warm:.1f}s warm-up fill"
+          f"{' incl. compile' if args.compile else ''}); busy seconds per stage (overlapping): "
+          f"{shares(stats.stages, stats.seconds)}")
+    ratio = ours / paper
+    line = f"ratio={ratio:.2f}"
+    if device == "cuda":
+        flops = truncated_flops(model, block, batch, device, y_of(batch))
+        peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name())
+        if fwd_ips is not None and peak:
+            fraction = flops * fwd_ips / (peak * 1e12)
+            print(f"truncated network (to block {block}): {flops / 1e9:.1f} GFLOP per image; the compiled forward at "
+                  f"{fwd_ips:.1f} images/s = {flops * fwd_ips / 1e12:.1f} TFLOP/s of {peak:.0f} (dense bf16 peak)")
+            line += f" flop_fraction={fraction:.3f}"
+    else:
+        flops = truncated_flops(model, block, 1, device, y_of(1))
+        print(f"truncated network (to block {block}): {flops / 1e6:.1f} MFLOP per image")
+    print(f"store fill / paper's path, end to end: {ratio:.2f}x")
+    return line
 
 
 def main() -> None:
@@ -127,6 +275,12 @@ def main() -> None:
                     help="torch.compile the capture, optionally with a mode (reduce-overhead = CUDA graphs); "
                          "the warm-up includes the compile")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="also time the store fill itself against the paper's path on the same images")
+    ap.add_argument("--images", type=int, default=None, help="--end-to-end: images (default 2048 CPU, 2048 GPU)")
+    ap.add_argument("--root", default=None, help="--end-to-end: dataset root (fashion-mnist on the CPU; an "
+                                                  "ImageNet-style folder on a GPU, default synthetic JPEGs)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default by name)")
     args = ap.parse_args()
 
     small = args.cpu_small or not CUDA
@@ -134,7 +288,9 @@ def main() -> None:
     arch = args.arch or ("adm-28-small" if small else "adm-256-uncond")
     block = args.block or (10 if small else 24)
     multi = [int(b) for b in (args.multi or ("7,10,12" if small else "19,24,30")).split(",")]
-    batch = args.batch or (16 if small else 64)
+    batch = args.batch or ((128 if args.end_to_end else 16) if small else 64)
+    args.images = args.images or 2048
+    _ROWS["rows"] = batch
     iters = args.iters or (4 if small else 20)
     warmup = args.warmup or (1 if small else 3)
     if device == "cpu":
@@ -144,12 +300,21 @@ def main() -> None:
     from trials.unet import create_unet, load_checkpoint
 
     torch.manual_seed(0)
-    model = (load_checkpoint(args.checkpoint, arch) if args.checkpoint else create_unet(arch)).eval()
+    bb = None
+    if args.end_to_end:  # the fill's own model object, so the forward-only figures share its extractor
+        from trials.features import load_backbone
+        bb = (common.backbone(arch, args.checkpoint) if (args.checkpoint or arch == "adm-28-small")
+              else common.backbone(arch, random_weights=True))
+        model = load_backbone(bb, device)
+    else:
+        model = (load_checkpoint(args.checkpoint, arch) if args.checkpoint else create_unet(arch)).eval()
     model.requires_grad_(False)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    weights = ("the shipped checkpoint's" if bb is not None and bb.checkpoint and not args.checkpoint
+               else "checkpoint" if args.checkpoint else "random")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"extract_throughput: {arch} ({n_params:.0f}M params, {'checkpoint' if args.checkpoint else 'random'} "
+    print(f"extract_throughput: {arch} ({n_params:.0f}M params, {weights} "
           f"weights), block {block}, t={args.t}, batch {batch}, {iters} timed iterations after {warmup} warm-up, "
           f"device {gpu}, compile={args.compile}", flush=True)
 
@@ -207,6 +372,9 @@ def main() -> None:
     ratio = ds_ips / ref_ips
     target = " (target >= 8x on an H100 for adm-256-uncond)" if not small else " (CPU mode: early exit only)"
     print(f"diffsweep / reference throughput: {ratio:.2f}x{target}")
+    if args.end_to_end:
+        print(end_to_end(args, bb, model, block, device, batch, ds_ips if (args.compile and device == "cuda") else None))
+        return
     print(f"ratio={ratio:.2f}")
 
 

@@ -157,6 +157,8 @@ class Store(Strict):
     batch_size: int = Field(256, ge=1)
     # the arithmetic of the features, part of their keys; auto: cuda-bf16 when extract_gpu > 0
     numeric: Literal["auto", "cpu-fp32", "cuda-bf16"] = "auto"
+    # torch.compile the extractor, once per worker process (null: on when extraction runs on CUDA)
+    compile: bool | None = None
 
 
 class Tracking(Strict):

@@ -112,7 +112,8 @@ def trial_setup(cfg: SweepConfig):
 
     return TrialSetup(
         sweep=cfg.name, backbone=backbone_spec(cfg), datasets=dataset_specs(cfg),
-        fill=FillOptions(absolute(cfg.store.path), int(cfg.store.part_bytes), cfg.store.batch_size),
+        fill=FillOptions(absolute(cfg.store.path), int(cfg.store.part_bytes), cfg.store.batch_size,
+                         cfg.store.compile),
         noise_seed=cfg.noise_seed, space_blocks=space_blocks(cfg),
         recipe=Recipe(cfg.training.recipe, cfg.epochs, cfg.training.batch_size), max_spatial=cfg.store.max_spatial,
         numeric=sweep_numeric(cfg), space_pools=space_pools(cfg), seed=cfg.seed,

@@ -24,6 +24,12 @@ def test_extract_throughput_cpu_small():
     assert re.fullmatch(rf"ratio={NUMBER}", line), line
 
 
+def test_extract_throughput_end_to_end_cpu_small():
+    line = last_line("extract_throughput.py", "--end-to-end", "--cpu-small", "--iters", "1", "--batch", "32",
+                     "--images", "96")
+    assert re.fullmatch(rf"ratio={NUMBER}", line), line
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")
 def test_trial_memory_quick():
     line = last_line("trial_memory.py", "--quick", "--images", "1000", "--epochs", "1")

@@ -424,3 +424,48 @@ def test_blocks_command_every_known_arch_and_unknown():
         assert len(blocks_command(arch, as_json=False).splitlines()) == len(rows) + 1
     with pytest.raises(ValueError, match="unknown architecture"):
         blocks_command("adm-999", as_json=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward_intermediates and the recorded block table; batched seeded noise
+
+
+@pytest.mark.parametrize("name", ["adm-28-small", "new-updown-cond"])
+def test_forward_intermediates_equal_the_full_forwards_block_outputs(name):
+    flags = SMALL.get(name, name)
+    torch.manual_seed(8)
+    model = _randomise(create_unet(flags)).eval()
+    x, t, y = _inputs(flags)
+    full = _block_outputs(model, x, t, y)
+    with torch.no_grad():
+        every = model.forward_intermediates(x, t, None, y=y)
+        out, some = model.forward_intermediates(x, t, [2, 5], y=y, intermediates_only=False)
+        early = model.forward_intermediates(x, t, 5, y=y)
+    assert sorted(every) == list(range(1, len(model.feature_info) + 1))
+    for b, h in every.items():
+        torch.testing.assert_close(h, full[b - 1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, full[-1], rtol=1e-6, atol=1e-6)
+    assert sorted(some) == [2, 5] and sorted(early) == [5]
+    torch.testing.assert_close(early[5], full[4], rtol=1e-6, atol=1e-6)
+    assert [(r.channels, r.resolution, r.resolution) for r in model.feature_info] == \
+        [tuple(o.shape[1:]) for o in full[:-1]]
+    assert block_table(model) == model.feature_info
+
+
+def test_batched_noise_equals_reference_values_and_per_image_noise():
+    from trials.diffusion import seeded_noise_batch
+    # the values the store has always used (recorded before the batched form): no key changes
+    ref = seeded_noise((1, 4, 5), 0, ["img-a", 17, "train/000123"], 90).flatten(1)[:, :3]
+    expected = torch.tensor([[-0.8973344564437866, -0.6855027079582214, -0.36697816848754883],
+                             [1.0984439849853516, 0.4575790762901306, -0.44283509254455566],
+                             [0.08341731876134872, 0.12945495545864105, -0.2484981268644333]])
+    assert torch.equal(ref, expected)
+    assert seeded_noise((3, 28, 28), 7, ["x"], 300).flatten()[[0, 1, 100, 2351]].tolist() == \
+        [-0.1365378499031067, -0.6474251747131348, 1.7089755535125732, 0.7802485227584839]
+    ids = ["a", "b", 3, "d", "e"]
+    batch = seeded_noise_batch((2, 6, 6), 4, ids, (10, 90, 300))
+    assert batch.shape == (3, 5, 2, 6, 6)
+    threaded = seeded_noise_batch((2, 6, 6), 4, ids, (10, 90, 300), workers=2)
+    assert torch.equal(batch, threaded)
+    for k, t in enumerate((10, 90, 300)):
+        assert torch.equal(batch[k], seeded_noise((2, 6, 6), 4, ids, t))

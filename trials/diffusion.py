@@ -46,9 +46,35 @@ def seeded_noise(shape: tuple[int, ...], seed: int, image_ids: list, t: int,
 
     Drawn on the CPU and moved, so the same key gives the same ε on any device and in any batch.
     """
-    gen = torch.Generator()
-    out = torch.empty((len(image_ids), *shape))
-    for i, image_id in enumerate(image_ids):
-        gen.manual_seed(noise_seed(seed, image_id, t))
-        out[i] = torch.randn(shape, generator=gen)
-    return out.to(device)
+    return seeded_noise_batch(shape, seed, image_ids, (t,))[0].to(device)
+
+
+def seeded_noise_batch(shape: tuple[int, ...], seed: int, image_ids: list, ts, out: torch.Tensor | None = None,
+                       pin_memory: bool = False, workers: int = 1) -> torch.Tensor:
+    """ε of a whole batch at every step of `ts` in one call: a (len(ts), N, *shape) float32 tensor.
+
+    Row [k, i] is the same ε `seeded_noise` gives image i at ts[k] (one CPU generator per
+    (seed, image id, t), drawn straight into its slice of one buffer, pinned on request so it reaches
+    a GPU in one non-blocking copy). The values are those the store has always used, so no stored
+    key changes. `out` reuses a buffer of that shape; `workers` threads draw disjoint rows (torch
+    releases the GIL while it draws), which matters for large images.
+    """
+    ts = tuple(int(t) for t in ts)
+    full = (len(ts), len(image_ids), *shape)
+    if out is None or tuple(out.shape) != full:
+        out = torch.empty(full, pin_memory=pin_memory)
+    rows = [(k, i) for k in range(len(ts)) for i in range(len(image_ids))]
+
+    def draw(chunk: list[tuple[int, int]]) -> None:
+        gen = torch.Generator()
+        for k, i in chunk:
+            gen.manual_seed(noise_seed(seed, image_ids[i], ts[k]))
+            torch.randn(shape, generator=gen, out=out[k, i])
+
+    if workers <= 1 or len(rows) < 2 * workers:
+        draw(rows)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(draw, [rows[w::workers] for w in range(workers)]))
+    return out

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -23,10 +26,10 @@ import torch
 
 from trials.blocks import block_table
 from trials.datasets import Sample, load_dataset
-from trials.datasets.preprocess import iter_batches
+from trials.datasets.preprocess import iter_batches, prefetch
 from trials.datasets.splits import sweep_splits
-from trials.diffusion import q_sample, seeded_noise
-from trials.extract import DeviceCapture, to_device
+from trials.diffusion import q_sample, seeded_noise_batch
+from trials.extract import cached_capture, to_device
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureKey, FeatureStore, files_digest
 from trials.unet import UNetModel, create_unet, load_checkpoint, make_config
 
@@ -187,11 +190,18 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
     most max_spatial², and round to fp16 as stored."""
     device = next(model.parameters()).device
-    x = to_device(x, device)
-    noise = seeded_noise(tuple(x.shape[1:]), noise_seed, image_ids, t, device=device)
-    xt = q_sample(x, t, noise, schedule)
-    maps = DeviceCapture(model, blocks, pool=max_spatial)(xt, t, y=y)  # the CUDA fast path when on a GPU
+    noise = seeded_noise_batch(tuple(x.shape[1:]), noise_seed, image_ids, (t,), pin_memory=device.type == "cuda")
+    capture = cached_capture(model, blocks, pool=max_spatial)  # the CUDA fast path when on a GPU
+    maps = capture(noised_rows(to_device(x, device), to_device(noise, device), (t,), schedule), t, y=y)
     return {b: m.numpy() for b, m in maps.items()}
+
+
+def noised_rows(x: torch.Tensor, noise: torch.Tensor, ts: tuple[int, ...], schedule: str = "linear") -> torch.Tensor:
+    """x_t of every image at every step of `ts`, t-major: rows [k·N, (k+1)·N) are step ts[k].
+    `noise` is (len(ts), N, ...) as `seeded_noise_batch` makes it."""
+    k, n = len(ts), x.shape[0]
+    t_rows = torch.tensor(ts, dtype=torch.long).repeat_interleave(n)
+    return q_sample(x.repeat(k, *([1] * (x.dim() - 1))), t_rows, noise.reshape(k * n, *x.shape[1:]), schedule)
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,8 @@ class FillOptions:
 
     store_root: str
     part_bytes: int = DEFAULT_PART_BYTES
-    batch_size: int = 256
+    batch_size: int = 256  # images per batch, and the most rows one U-Net forward takes
+    compile: bool | None = None  # torch.compile the capture once per worker; None: on CUDA only
 
 
 @dataclass(frozen=True)
@@ -264,46 +275,115 @@ class ExtractStats:
     seconds: float = 0.0
     passes: int = 0  # image passes through the U-Net
     keys: list[str] = field(default_factory=list)
+    # busy seconds per stage (decode, noise, forward, write, and the loop's waits); the stages
+    # overlap (decode and noise run ahead in a thread, writes behind in another), so they may sum
+    # to more than `seconds`
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class _StageClock:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[stage] += now - since
+        return now
+
+
+def _decode_threads() -> int:
+    return max(4, min(16, os.cpu_count() or 4))
+
+
+def t_groups(ts: tuple[int, ...], images: int, rows: int) -> list[tuple[int, ...]]:
+    """Steps of `ts` that share one forward: as many as fit in `rows` rows for a batch of `images`
+    (several t of a small batch in one pass; one t per pass once the batch alone fills `rows`)."""
+    per = max(1, min(len(ts), rows // max(1, images)))
+    return [tuple(ts[i:i + per]) for i in range(0, len(ts), per)]
 
 
 def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int], None] | None = None) -> ExtractStats:
     """Compute one part of every key of the request and stream it to the store.
 
     Idempotent (parts are content-addressed) and atomic (each file is renamed into place only when
-    complete). Batch i+1 is computed while batch i is written, so at most two batches are held."""
+    complete). Three stages overlap: a prefetch thread decodes and resizes batch i+1 and draws its
+    seeded noise for every t; this thread runs the forward of batch i (several t of a small batch in
+    one pass; pooling and the fp16 cast on the device) with the process's cached, optionally
+    compiled, extractor; a writer thread writes batch i-1. At most a few batches are held."""
     request = job.request
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if numeric_path(device) != request.numeric:
         raise RuntimeError(f"request for {request.numeric} features, but this worker computes "
                            f"{numeric_path(device)} on {device}")
+    cuda = torch.device(device).type == "cuda"
     model = load_backbone(request.backbone, device)
     flags = request.backbone.flags
     samples = request.samples()[job.start:job.stop]
     store = FeatureStore(job.options.store_root)
     shapes = request.shapes()
+    rows = job.options.batch_size
+    compile_ = cuda if job.options.compile is None else job.options.compile
+    capture = cached_capture(model, request.blocks, pool=request.max_spatial, compile=compile_, rows=rows)
     provenance = {"checkpoint": request.backbone.checkpoint, "arch": request.backbone.arch,
                   "class_label": request.backbone.class_label, "shard": [job.start, job.stop], "created": time.time()}
     writers = {(t, b): store.part_writer(request.key(t, b), job.part, job.num_parts,
                                          (shapes[b].channels, shapes[b].side, shapes[b].side), {**provenance, "t": t})
                for t, b in request.maps()}
+    clock = _StageClock()
+    image_shape = (flags["in_channels"], flags["image_size"], flags["image_size"])
+
+    def decoded():
+        since = time.perf_counter()
+        for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], job.options.batch_size,
+                                     workers=_decode_threads(), skip_corrupt=request.dataset.skip_corrupt):
+            x = torch.from_numpy(x)
+            x = x.pin_memory() if cuda else x
+            since = clock.add("decode", since)
+            yield x, batch
+            since = time.perf_counter()
+
+    def with_noise(item):
+        x, batch = item
+        since = time.perf_counter()
+        ids = [s.image_id for s in batch]
+        noise = seeded_noise_batch(image_shape, request.noise_seed, ids, request.ts, pin_memory=cuda,
+                                   workers=2 if cuda else 1)
+        clock.add("noise", since)
+        return x, batch, noise
+
     stats = ExtractStats()
     t0 = time.perf_counter()
     pending = None
     try:
         with ThreadPoolExecutor(max_workers=1) as writer_thread:
-            for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], job.options.batch_size,
-                                         skip_corrupt=request.dataset.skip_corrupt):
-                ids, labels = [s.image_id for s in batch], [s.label for s in batch]
-                y = class_labels(request.backbone, len(batch), device)
-                maps = {t: extract_batch(model, torch.from_numpy(x), ids, t, list(request.blocks), request.noise_seed,
-                                         request.max_spatial, request.backbone.schedule, y) for t in request.ts}
-                if pending is not None:
-                    pending.result()
-                pending = writer_thread.submit(_write_batch, writers, maps, labels, ids)
-                stats.images += len(batch)
-                stats.passes += len(batch) * len(request.ts)
-                if on_batch:
-                    on_batch(len(batch))
+            batches = prefetch(decoded(), depth=2, prepare=with_noise)
+            try:
+                since = time.perf_counter()
+                for x, batch, noise in batches:
+                    since = clock.add("wait", since)
+                    ids, labels = [s.image_id for s in batch], [s.label for s in batch]
+                    n = len(batch)
+                    x_dev, noise_dev = to_device(x, model_device(model)), to_device(noise, model_device(model))
+                    submitted = []
+                    for k0, group in _offsets(t_groups(request.ts, n, rows)):
+                        xt = noised_rows(x_dev, noise_dev[k0:k0 + len(group)], group, request.backbone.schedule)
+                        t_rows = torch.tensor(group, dtype=torch.long).repeat_interleave(n)
+                        y = class_labels(request.backbone, n * len(group), device)
+                        submitted.append((group, capture.submit(xt, t_rows, y=y)))
+                    since = clock.add("forward", since)
+                    if pending is not None:
+                        pending.result()
+                    since = clock.add("wait", since)
+                    pending = writer_thread.submit(_write_batch, writers, submitted, n, labels, ids, clock)
+                    stats.images += n
+                    stats.passes += n * len(request.ts)
+                    if on_batch:
+                        on_batch(n)
+                    since = time.perf_counter()
+            finally:
+                batches.close()
             if pending is not None:
                 pending.result()
         for (t, b), w in writers.items():
@@ -314,12 +394,33 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
             w.abort()
         raise
     stats.seconds = time.perf_counter() - t0
+    stats.stages = dict(clock.seconds)
     return stats
 
 
-def _write_batch(writers: dict, maps: dict, labels: list[int], ids: list[str]) -> None:
+def model_device(model: UNetModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _offsets(groups: list[tuple[int, ...]]) -> list[tuple[int, tuple[int, ...]]]:
+    out, k = [], 0
+    for g in groups:
+        out.append((k, g))
+        k += len(g)
+    return out
+
+
+def _write_batch(writers: dict, submitted: list, n: int, labels: list[int], ids: list[str], clock: _StageClock) -> None:
+    since = time.perf_counter()
+    maps = {}
+    for group, captured in submitted:  # waits for the device (CUDA: the async copy back)
+        got = captured.result()
+        for k, t in enumerate(group):
+            maps[t] = {b: m[k * n:(k + 1) * n].numpy() for b, m in got.items()}
+    since = clock.add("device_wait", since)
     for (t, b), w in writers.items():
         w.write(maps[t][b], labels, ids)
+    clock.add("write", since)
 
 
 def fill_request(request: FeatureRequest, options: FillOptions, verify: bool = False, device: str | None = None,
@@ -334,6 +435,8 @@ def fill_request(request: FeatureRequest, options: FillOptions, verify: bool = F
             total.passes += stats.passes
             total.seconds += stats.seconds
             total.keys.extend(stats.keys)
+            for stage, sec in stats.stages.items():
+                total.stages[stage] = total.stages.get(stage, 0.0) + sec
     return total
 
 

@@ -265,6 +265,20 @@ class TimestepEmbedSequential(nn.Sequential):
 # The network
 
 
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block in the paper's numbering, as recorded when the model is built (timm's feature_info)."""
+
+    number: int  # paper numbering, 1-based: input_blocks, middle_block, output_blocks
+    module: str  # module path in the state dict, e.g. "output_blocks.4"
+    channels: int
+    resolution: int  # spatial size (square) at the architecture's image size
+
+
+def _down(side: int, conv: bool) -> int:
+    return (side - 1) // 2 + 1 if conv else side // 2  # stride-2 conv (padding 1) / 2x2 average pool
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -284,6 +298,9 @@ class UNetModel(nn.Module):
 
         ch = input_ch = int(cfg.mult[0] * ch0)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        side = cfg.image_size
+        # the block table, recorded as the blocks are built: (module, channels, resolution) per block
+        info = [("input_blocks.0", ch, side)]
         skip_chans, ds = [ch], 1
         for level, m in enumerate(cfg.mult):
             for _ in range(cfg.num_res_blocks):
@@ -292,13 +309,17 @@ class UNetModel(nn.Module):
                 if ds in cfg.attention_ds:
                     layers.append(attn(ch, cfg.num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
+                info.append((f"input_blocks.{len(self.input_blocks) - 1}", ch, side))
                 skip_chans.append(ch)
             if level != len(cfg.mult) - 1:
                 down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, True, ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
+                side = _down(side, conv=not cfg.resblock_updown)
+                info.append((f"input_blocks.{len(self.input_blocks) - 1}", ch, side))
                 skip_chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, cfg.num_heads), res(ch, ch))
+        info.append(("middle_block", ch, side))
         self.output_blocks = nn.ModuleList()
         for level, m in list(enumerate(cfg.mult))[::-1]:
             for i in range(cfg.num_res_blocks + 1):
@@ -309,8 +330,11 @@ class UNetModel(nn.Module):
                 if level and i == cfg.num_res_blocks:
                     layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, True, ch))
                     ds //= 2
+                    side *= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
+                info.append((f"output_blocks.{len(self.output_blocks) - 1}", ch, side))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(input_ch, cfg.out_channels, 3, padding=1))
+        self.feature_info: list[BlockInfo] = [BlockInfo(n, m, c, r) for n, (m, c, r) in enumerate(info, start=1)]
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
@@ -326,15 +350,52 @@ class UNetModel(nn.Module):
         return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(t, y)
-        skips, h = [], x
+        return self.forward_intermediates(x, t, (), y=y, stop_early=False, intermediates_only=False)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, t: torch.Tensor | int, indices=None, y=None,
+                              stop_early: bool = True, intermediates_only: bool = True):
+        """The forward pass, keeping the outputs of the blocks in `indices` (timm's convention).
+
+        `indices`: paper block numbers (1-based, see `feature_info`), one number, or None for all.
+        Returns {block number: output}; with `stop_early` nothing after the deepest requested block
+        runs (no later blocks, no output head). With `intermediates_only=False` the whole network
+        runs and the result is (model output, {block number: output}).
+        """
+        total = len(self.feature_info)
+        wanted = (set(range(1, total + 1)) if indices is None
+                  else {int(indices)} if isinstance(indices, int) else {int(b) for b in indices})
+        if any(b < 1 or b > total for b in wanted) or (intermediates_only and not wanted):
+            raise ValueError(f"blocks {sorted(wanted)} outside 1..{total} for this U-Net")
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        elif t.dim() == 0:
+            t = t.expand(x.shape[0])
+        emb = self.embed(t.to(x.device), y)
+        last = max(wanted) if (stop_early and intermediates_only) else total
+        out: dict[int, torch.Tensor] = {}
+        skips, h, number = [], x, 0
         for block in self.input_blocks:
+            number += 1
             h = block(h, emb)
             skips.append(h)
+            if number in wanted:
+                out[number] = h
+            if number == last:
+                return out
+        number += 1
         h = self.middle_block(h, emb)
+        if number in wanted:
+            out[number] = h
         for block in self.output_blocks:
+            if number == last:
+                return out
+            number += 1
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+            if number in wanted:
+                out[number] = h
+        if intermediates_only:
+            return out
+        return self.out(h), out
 
 
 def create_unet(config: str | dict[str, Any] | UNetConfig) -> UNetModel:

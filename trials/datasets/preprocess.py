@@ -7,9 +7,11 @@ in memory: only `batch_size` images at a time.
 
 from __future__ import annotations
 
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -82,3 +84,47 @@ def iter_batches(samples: list[Sample], size: int, channels: int, batch_size: in
             kept = [(a, s) for a, s in zip(arrays, chunk) if a is not None]
             if kept:
                 yield np.stack([a for a, _ in kept]), [s for _, s in kept]
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2, prepare: Callable[[T], T] | None = None) -> Iterator[T]:
+    """Run `items` (and `prepare` on each) in a background thread, up to `depth` items ahead, so
+    decoding and resizing the next batch overlap the compute of this one. Errors surface in order;
+    closing the iterator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(prepare(item) if prepare else item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=run, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
