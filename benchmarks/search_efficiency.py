@@ -1,243 +1,276 @@
-"""Does TPE + ASHA find the grid's best configuration, and for what fraction of the grid's epochs?
+"""Does diffsweep's TPE + ASHA find the grid's best, for what share of its head-epochs, judged elsewhere?
 
-Features of the shipped small DDPM (adm-28-small; `--checkpoint` for another file) on digits
-(default) are extracted once into a feature store shared by every run. Then:
+Datasets: Fashion-MNIST through the shipped DDPM (adm-28-small, `--checkpoint` for another file), the
+dataset the figures are reported on, and sklearn's digits through the same U-Net with random weights,
+the cheap dataset diffsweep's search defaults (trials, ASHA rungs, TPE options) were chosen on. Each
+dataset's feature store is filled once; every (t, block, pool) map is pooled once (the sweep's pooled
+caches) and held in memory (benchmarks/search_data.py).
 
-- grid: every configuration of a 48-point space (3 t x 4 blocks x 2 pools x linear head x 2 learning
-  rates), each trained to max_t epochs, exactly as a trial trains (trials.trainable.load_split +
-  HeadTrainer + the sweep's recipe and seed);
-- search: the default diffsweep sweep, TPE (orchestrator.search.make_sampler, seeded) + ASHA
-  (max_t 8, grace 1, diffsweep's default reduction factor) + 2 concurrent trials, diffsweep's default
-  number of trials (`--num-samples`), for several seeds.
+Splits: searches choose on the sweep's val split (Fashion-MNIST: 3,000 images); the chosen
+configuration is scored on a judge split carved (seeded, stratified) from the sweep's train split,
+which no search sees; heads train on the rest of train. The official test split is not read.
 
-Per seed it prints the gap between the grid's best validation accuracy and the search's (selected as
-orchestrator.select does: best final val_acc among trials that ran to max_t), in accuracy points,
-and the head-training epochs the search used as a fraction of the grid's (48 x max_t).
+Space: 5 t x 5 blocks x 3 pools x 3 heads (linear; mlp with hidden 128 or 512) = 225 categorical
+points, plus each head's learning rate, a continuous log range. Every trial trains for real
+(benchmarks/search_sim.py: HeadTrainer, the sweep's AdamW + cosine recipe and seed, max_t epochs).
 
-How the search runs (default): in-process, with the sweep's own components, not a copy of them:
-orchestrator.search.PerDatasetOptunaSearch (real Optuna studies, suggest_config, PRUNED/COMPLETE
-bookkeeping) behind Ray Tune's ConcurrencyLimiter, and Ray Tune's ASHAScheduler, driven the way
-Tune's controller drives them (scheduler.on_trial_result first; searcher.on_trial_result only if the
-trial continues; on STOP, on_trial_complete for both). Running trials advance one epoch per step in
-turn (equal epoch times). Every parameter of the space is categorical, so every configuration TPE can
-propose is a grid point, and a trial's per-epoch val_acc is the grid's curve for that point: head
-training is deterministic for a (config, seed) (checked below by retraining one point), and an
-ASHA-stopped trial is a prefix of the full run (the cosine schedule spans max_t either way). So the
-search costs no extra training and many seeds are cheap.
+Methods, all with the sweep's own searcher orchestrator.search.PerDatasetOptunaSearch (real Optuna
+studies, its sampler config) behind Tune's ConcurrencyLimiter (2 concurrent), with Ray Tune's own
+ASHAScheduler or FIFOScheduler driven in-process the way Tune's controller drives them:
 
-`--ray` runs the real thing instead: orchestrator.sweep.run_sweep with sampler grid (no early
-stopping) and with sampler tpe per seed, each a real Ray Tune run logging to a temporary MLflow, and
-reads the epochs used from the results table's `epochs` column. It takes minutes, not seconds.
+- grid: every point at the learning rate's geometric midpoint, max_t epochs each (the reference);
+- tpe+asha: diffsweep's sweep (sampler tpe, diffsweep's default num_samples and ASHA); the head-epochs
+  it spends, E, are the budget of the other methods on that seed;
+- random, random+asha, tpe (no ASHA): sampler random / tpe, as many trials as fit in E head-epochs.
 
-    .venv/bin/python benchmarks/search_efficiency.py --quick
-    .venv/bin/python benchmarks/search_efficiency.py --seeds 10
-    .venv/bin/python benchmarks/search_efficiency.py --ray --seeds 3
+Per method and seed: the judge accuracy of the configuration chosen on val (as orchestrator.select
+chooses) after every head-epoch spent (the anytime curve, `--plot`), and at the end. The gap is the
+grid's chosen configuration's judge accuracy minus the method's, in points. A configuration's curve
+is cached by its exact value, so identical configs (the same random draw with and without ASHA)
+train once; no other reuse.
+
+    .venv/bin/python benchmarks/search_efficiency.py --quick                  # digits subset, 48 points, 3 seeds, < 60 s
+    .venv/bin/python benchmarks/search_efficiency.py --seeds 0..9 --plot benchmarks/search_efficiency.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+
+import numpy as np
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from orchestrator.config import Asha, Search  # noqa: E402  (the project's default search settings)
+import search_data
+import search_sim
+from orchestrator.config import Asha, Search
 
-SPACE = {"t": [10, 100, 300], "block": [4, 6, 8, 10], "pool": [1, 2],
-         "head": {"linear": {"lr": [0.0003, 0.003]}}}
+TS, BLOCKS, POOLS = [10, 50, 100, 200, 400], [4, 6, 8, 9, 10], [1, 2, 4]
+HEADS = {"linear": {"lr": {"low": 1e-4, "high": 3e-2, "log": True}},
+         "mlp": {"hidden": [128, 512], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+QUICK = {"ts": [10, 100], "blocks": [4, 6, 8, 10], "pools": [2, 4]}  # 48 points, digits subset
+METHODS = ("tpe+asha", "tpe", "random+asha", "random")
+DATASETS = {  # name -> (random weights, train limit, val limit, val fraction, judge fraction of train)
+    "digits": (True, None, None, 0.3, 0.3),
+    "fashion_mnist": (False, 9000, 3000, 0.1, 1 / 3),
+}
+QUICK_DIGITS = (True, 600, 300, 0.3, 0.3)
 
 
-def sweep_config(tmp: Path, args, checkpoint: str, sampler: str, seed: int, limit: int | None):
+def parse_seeds(text: str) -> list[int]:
+    try:
+        if ".." in text:
+            a, b = text.split("..")
+            seeds = list(range(int(a), int(b) + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: give A..B (inclusive, A <= B) or a count N; e.g. --seeds 10..19")
+    return seeds
+
+
+def sweep_config(args, dataset: str, space: dict, sampler: str, seed: int, num_samples: int):
     from orchestrator.config import SweepConfig
 
-    limits = {"train": limit, "val": max(50, limit // 4)} if limit else {}
-    grid = sampler == "grid"
-    # The grid trains every point to max_t: an ASHA whose only rung is max_t never stops a trial early.
-    asha = ({"max_t": args.max_t, "grace_period": args.max_t, "reduction_factor": 2} if grid else
-            {"max_t": args.max_t, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor})
-    name = f"search-eff-{sampler}-{seed}"
     return SweepConfig.model_validate({
-        "name": name, "seed": 0,
-        "checkpoint": {"path": checkpoint, "arch": "adm-28-small"},
-        "datasets": [{"name": args.dataset, "val_fraction": 0.15, "limit": limits}],
-        "space": SPACE,
-        "search": {"sampler": sampler, "seed": seed, "num_samples": args.num_samples,
-                   "max_concurrent": args.max_concurrent, "asha": asha},
+        "name": f"search-eff-{dataset}-{sampler}-{seed}", "datasets": [{"name": dataset}], "space": space,
+        "search": {"sampler": sampler, "seed": seed, "num_samples": num_samples,
+                   "max_concurrent": args.max_concurrent,
+                   "asha": {"max_t": args.max_t, "grace_period": args.grace_period,
+                            "reduction_factor": args.reduction_factor}},
         "training": {"recipe": "adamw", "batch_size": 128},
-        "store": {"path": str(tmp / "features"), "batch_size": 128},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlruns.db'}"},
-        "storage_path": str(tmp / "ray"), "export_dir": str(tmp / f"exported-{name}"),
     })
-
-
-def point_key(config: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in config.items() if k != "dataset"))
-
-
-def train_point(setup, dataset: str, point: dict) -> list[float]:
-    """val_acc after each epoch, trained exactly as trials.trainable.train_trial trains (without Ray)."""
-    from trials.features import dataset_splits
-    from trials.train_head import HeadTrainer
-    from trials.trainable import head_hparams, load_split, trial_maps
-
-    config = {"dataset": dataset, **point}
-    maps = trial_maps(config)
-    train = load_split(setup, dataset, "train", maps)
-    val = load_split(setup, dataset, "val", maps)
-    num_classes = len(dataset_splits(setup.datasets[dataset])[0])
-    trainer = HeadTrainer(point["head"], head_hparams(config), train, num_classes, setup.recipe, setup.seed)
-    return [m["val_acc"] for m in trainer.epochs(val)]
-
-
-def simulate_search(cfg, curves: dict) -> dict:
-    """One TPE + ASHA sweep with the sweep's searcher and Tune's scheduler, on the grid's curves."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-    from ray.tune.search import ConcurrencyLimiter, Searcher
-
-    from orchestrator.search import PerDatasetOptunaSearch
-
-    searcher = PerDatasetOptunaSearch(cfg)
-    limiter = ConcurrencyLimiter(searcher, cfg.search.max_concurrent)
-    a = cfg.search.asha
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
-                              reduction_factor=a.reduction_factor)
-    scheduler.set_search_properties(cfg.search.metric, "max")
-    budget, created, running, done = searcher.total_budget, 0, [], []
-    while True:
-        while created < budget:  # Tune asks for a new trial whenever the limiter has room
-            trial_id = f"trial_{created:05d}"
-            config = limiter.suggest(trial_id)
-            if config is None or config == Searcher.FINISHED:
-                break
-            created += 1
-            trial = SimpleNamespace(trial_id=trial_id)
-            scheduler.on_trial_add(None, trial)
-            running.append({"trial": trial, "config": config, "epoch": 0})
-        if not running:
-            break
-        for r in list(running):  # each running trial reports one more epoch, in turn
-            r["epoch"] += 1
-            result = {"epoch": r["epoch"], "val_acc": curves[point_key(r["config"])][r["epoch"] - 1],
-                      "training_iteration": r["epoch"], "trial_id": r["trial"].trial_id}
-            r["val_acc"] = result["val_acc"]
-            if scheduler.on_trial_result(None, r["trial"], result) == TrialScheduler.STOP:
-                scheduler.on_trial_complete(None, r["trial"], result)
-                limiter.on_trial_complete(r["trial"].trial_id, result=result)
-                running.remove(r)
-                done.append(r)
-            else:
-                limiter.on_trial_result(r["trial"].trial_id, result)
-    completed = [r for r in done if r["epoch"] >= a.max_t]
-    best = max(completed, key=lambda r: r["val_acc"]) if completed else None
-    return {"trials": len(done), "completed": len(completed), "epochs": sum(r["epoch"] for r in done),
-            "best_val": best["val_acc"] if best else float("nan"), "best_config": best and best["config"]}
-
-
-def ray_sweep(cfg) -> dict:
-    """The real thing: a Ray Tune sweep; epochs used from the results table."""
-    from orchestrator.sweep import run_sweep
-
-    table = run_sweep(cfg).results
-    completed = table[table.status == "completed"]
-    best = completed.sort_values("val_acc", ascending=False).iloc[0] if len(completed) else None
-    config = None if best is None else {"t": best["t"], "block": best["block"], "pool": best["pool"],
-                                        **json.loads(best["hparams"])}
-    return {"trials": len(table), "completed": len(completed), "epochs": int(table["epochs"].sum()),
-            "best_val": float(best["val_acc"]) if best is not None else float("nan"), "best_config": config}
 
 
 def describe(config: dict | None) -> str:
     if not config:
         return "-"
-    return " ".join(f"{k}={v}" for k, v in config.items() if k not in ("dataset", "head"))
+    return " ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
+                    if k not in ("dataset",) and not k.startswith("_"))
+
+
+def evaluate(args, dataset: str, store: str, seeds: list[int], quick: bool) -> dict:
+    from orchestrator.config import Space
+    from orchestrator.search import grid_points
+
+    random_weights, train_limit, val_limit, val_fraction, judge_fraction = \
+        QUICK_DIGITS if quick and dataset == "digits" else DATASETS[dataset]
+    ts, blocks, pools = (QUICK["ts"], QUICK["blocks"], QUICK["pools"]) if quick else (TS, BLOCKS, POOLS)
+    space = {"t": ts, "block": blocks, "pool": pools, "head": HEADS}
+    data = search_data.load(dataset, random_weights=random_weights, checkpoint=args.checkpoint, ts=ts, blocks=blocks,
+                            pools=pools, store_root=store, train_limit=train_limit, val_limit=val_limit,
+                            val_fraction=val_fraction, judge_fraction=judge_fraction)
+    points = grid_points(Space.model_validate(space))
+    print(f"{dataset} ({'random weights' if random_weights else 'shipped DDPM'}): train {data.sizes['train']} / "
+          f"val {data.sizes['val']} / judge {data.sizes['judge']} images; store filled once ({data.passes} image "
+          f"passes) and pooled in {data.seconds:.0f}s; {len(points)}-point grid x {args.max_t} epochs", flush=True)
+    trials = search_sim.Trials(data, args.max_t)
+    cache = None
+    if args.cache:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
+        tag = f"{dataset}-{'-'.join(map(str, ts))}-{'-'.join(map(str, blocks))}-{'-'.join(map(str, pools))}"
+        cache = str(Path(args.cache) / f"{tag}-max_t{args.max_t}-{data.sizes['train']}.pkl")
+        print(f"  curves cached earlier: {trials.load(cache)} ({cache})", flush=True)
+    t0 = time.perf_counter()
+    grid = search_sim.run_grid(points, trials, dataset)
+    again = trials.train_curve(grid.best, args.max_t)
+    key = search_sim.config_key({k: v for k, v in grid.best.items() if not k.startswith("_")})
+    assert again == list(zip(trials.curves[key].val, trials.curves[key].judge)), \
+        "head training is not deterministic: cached curves would be invalid"
+    oracle = max(c.judge[-1] for c in trials.curves.values())
+    print(f"  grid: chosen {describe(grid.best)}: val {grid.best_val:.4f}, judge {grid.best_judge:.4f} "
+          f"(best judge of any point {oracle:.4f}); {grid.epochs} head-epochs, {time.perf_counter() - t0:.0f}s; "
+          f"retraining the chosen point gave the identical curve", flush=True)
+    if cache:
+        trials.save(cache)
+    runs = {m: [] for m in METHODS}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        ours = search_sim.run_search(sweep_config(args, dataset, space, "tpe", seed, args.num_samples), trials, True)
+        budget = ours.epochs
+        out = {"tpe+asha": ours}
+        for method in METHODS[1:]:
+            sampler, asha = method.split("+")[0], method.endswith("+asha")
+            out[method] = search_sim.run_search(sweep_config(args, dataset, space, sampler, seed, 10 ** 6), trials, asha,
+                                                budget=budget)
+        for m in METHODS:
+            runs[m].append(out[m])
+        print(f"  seed {seed}: budget {budget} head-epochs ({budget / grid.epochs:.3f} of the grid's); gap (pts) " +
+              ", ".join(f"{m} {100 * (grid.best_judge - out[m].best_judge):.2f} ({out[m].completed}/{out[m].trials})"
+                        for m in METHODS) + f"; chosen {describe(ours.best)} [{time.perf_counter() - t0:.0f}s]",
+              flush=True)
+    if cache:
+        trials.save(cache)
+    return {"dataset": dataset, "sizes": data.sizes, "points": len(points), "grid": grid, "oracle": oracle,
+            "runs": runs, "seeds": seeds, "trained_epochs": trials.trained_epochs}
+
+
+def summary(result: dict) -> dict:
+    grid, runs = result["grid"], result["runs"]
+    gaps = {m: [100 * (grid.best_judge - o.best_judge) for o in runs[m]] for m in METHODS}
+    ours = runs["tpe+asha"]
+    fractions = [o.epochs / grid.epochs for o in ours]
+    beats = [a.best_judge > b.best_judge for a, b in zip(ours, runs["random"])]
+    ties = [a.best_judge == b.best_judge for a, b in zip(ours, runs["random"])]
+    s = {"gap": statistics.median(gaps["tpe+asha"]), "epochs_fraction": statistics.median(fractions),
+         "beats_random": sum(beats) / len(beats), "ties_random": sum(ties) / len(ties),
+         "median_gap": {m: statistics.median(g) for m, g in gaps.items()},
+         "median_judge": {m: statistics.median(o.best_judge for o in runs[m]) for m in METHODS},
+         "within_0.3": sum(g <= 0.3 for g in gaps["tpe+asha"]), "seeds": len(ours)}
+    s["met"] = (s["gap"] <= 0.3 and s["epochs_fraction"] <= 0.25 and s["beats_random"] >= 0.7
+                and s["median_judge"]["tpe+asha"] >= s["median_judge"]["random+asha"])
+    return s
+
+
+def report(result: dict, s: dict) -> None:
+    grid = result["grid"]
+    print(f"{result['dataset']}, medians over {s['seeds']} seeds (grid chosen: judge {grid.best_judge:.4f}, "
+          f"{grid.epochs} head-epochs; every method at tpe+asha's budget, median fraction "
+          f"{s['epochs_fraction']:.3f}):")
+    print(f"  {'method':<12} {'judge':>7} {'gap pts':>8}")
+    print(f"  {'grid':<12} {grid.best_judge:>7.4f} {0:>8.2f}")
+    for m in METHODS:
+        print(f"  {m:<12} {s['median_judge'][m]:>7.4f} {s['median_gap'][m]:>8.2f}")
+    print(f"  tpe+asha within 0.3 pts in {s['within_0.3']}/{s['seeds']} seeds; beats random in "
+          f"{s['beats_random']:.0%} of seeds (ties {s['ties_random']:.0%}); targets (gap <= 0.3, fraction <= 0.25, "
+          f"beats random >= 70 %, median >= random+asha): {'met' if s['met'] else 'NOT met'}")
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        grid = result["grid"]
+        for m in ("random", "random+asha", "tpe", "tpe+asha"):
+            traces = [o.trace for o in result["runs"][m]]
+            n = max(len(t) for t in traces)
+            padded = np.array([np.concatenate([t, np.full(n - len(t), t[-1] if len(t) else np.nan)]) for t in traces])
+            x = np.arange(1, n + 1)
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                med = np.nanmedian(padded, 0)
+                lo, hi = np.nanpercentile(padded, 25, 0), np.nanpercentile(padded, 75, 0)
+            (line,) = ax.plot(x, 100 * med, label=m, lw=2 if m == "tpe+asha" else 1.2)
+            ax.fill_between(x, 100 * lo, 100 * hi, color=line.get_color(), alpha=0.15)
+        ax.axhline(100 * grid.best_judge, color="k", ls="--", lw=1,
+                   label=f"grid ({grid.epochs} head-epochs)")
+        ax.axhspan(100 * grid.best_judge - 0.3, 100 * grid.best_judge, color="k", alpha=0.06)
+        ax.set_xlabel("head-epochs spent")
+        ax.set_ylabel("judge accuracy of the chosen config (%)")
+        ax.set_title(f"{result['dataset']}: {result['points']}-point space + lr, "
+                     f"{len(result['seeds'])} seeds (median, IQR)", fontsize=10)
+        finite = [100 * v for m in METHODS for o in result["runs"][m] for v in o.trace if np.isfinite(v)]
+        ax.set_ylim(max(min(finite), 100 * grid.best_judge - 6), 100 * max(max(finite) / 100, grid.best_judge) + 0.5)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="600 train images, 5 seeds (<~60 s)")
-    ap.add_argument("--dataset", default="digits", help="digits (default) or fashion_mnist (then use --limit)")
-    ap.add_argument("--limit", type=int, default=None, help="train images (val: limit/4); quick default 600")
-    ap.add_argument("--seeds", type=int, default=None, help="search seeds (default 10; quick 5; --ray 3)")
+    ap.add_argument("--quick", action="store_true", help="digits only (900-image subset), 48-point space, seeds 0..2 (< 60 s)")
+    ap.add_argument("--datasets", default=None, help="comma list of digits,fashion_mnist (default both; quick digits)")
+    ap.add_argument("--seeds", type=parse_seeds, default=None, help="A..B inclusive, or a count N (default 0..9; quick 0..2)")
     ap.add_argument("--num-samples", type=int, default=Search().num_samples,
-                    help=f"trials per search (diffsweep's default, {Search().num_samples})")
-    ap.add_argument("--max-t", type=int, default=8, help="epochs of a full trial (ASHA max_t; default 8)")
-    ap.add_argument("--grace-period", type=int, default=1, help="ASHA grace period (default 1)")
+                    help=f"tpe+asha trials (diffsweep's default, {Search().num_samples})")
+    ap.add_argument("--max-t", type=int, default=Asha().max_t, help=f"epochs of a full trial (default {Asha().max_t})")
+    ap.add_argument("--grace-period", type=int, default=Asha().grace_period,
+                    help=f"ASHA grace period (diffsweep's default, {Asha().grace_period})")
     ap.add_argument("--reduction-factor", type=float, default=Asha().reduction_factor,
                     help=f"ASHA reduction factor (diffsweep's default, {Asha().reduction_factor:g})")
-    ap.add_argument("--max-concurrent", type=int, default=2, help="concurrent trials (default 2)")
-    ap.add_argument("--checkpoint", default=None, help="U-Net weights for adm-28-small (default: the shipped one)")
-    ap.add_argument("--ray", action="store_true", help="real Ray Tune sweeps via run_sweep (minutes)")
+    ap.add_argument("--max-concurrent", type=int, default=Search().max_concurrent, help="concurrent trials")
+    ap.add_argument("--tpe-options", default=None,
+                    help="JSON overriding orchestrator.search.TPE_OPTIONS (to choose defaults on digits)")
+    ap.add_argument("--checkpoint", default=None, help="adm-28-small weights for Fashion-MNIST (default: shipped)")
+    ap.add_argument("--store", default=None, help="feature store to fill and reuse (default: a temp dir)")
+    ap.add_argument("--cache", default=None, help="directory for the trained curves, reused by a rerun (default: none)")
+    ap.add_argument("--plot", default=None, help="write the anytime curves to this PNG")
+    ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for extraction and heads")
     args = ap.parse_args()
-    seeds = args.seeds or (5 if args.quick else 3 if args.ray else 10)
-    limit = args.limit if args.limit is not None else (600 if args.quick else None)
+    seeds = args.seeds or parse_seeds("0..2" if args.quick else "0..9")
+    datasets = (args.datasets or ("digits" if args.quick else "digits,fashion_mnist")).split(",")
+    for d in datasets:
+        if d not in DATASETS:
+            ap.error(f"--datasets: unknown dataset {d!r}; use digits and/or fashion_mnist")
+    if args.tpe_options:
+        import orchestrator.search as search
+        search.TPE_OPTIONS = {**search.TPE_OPTIONS, **json.loads(args.tpe_options)}
     common.set_threads(args.threads)
-
-    from orchestrator.search import grid_points
-    from orchestrator.sweep import trial_setup
-
+    import orchestrator.search as search
+    print(f"search_efficiency: seeds {seeds[0]}..{seeds[-1]}; tpe+asha = {args.num_samples} trials, ASHA grace "
+          f"{args.grace_period} reduction {args.reduction_factor:g} max_t {args.max_t}, TPE {search.TPE_OPTIONS}, "
+          f"{args.max_concurrent} concurrent", flush=True)
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="search_eff_") as tmp_name:
-        tmp = Path(tmp_name)
-        # a private copy: the shipped file may be rewritten (train-ddpm) while this runs
-        checkpoint = str(tmp / "backbone.safetensors")
-        shutil.copy(args.checkpoint or common.SHIPPED, checkpoint)
-        grid_cfg = sweep_config(tmp, args, checkpoint, "grid", 0, limit)
-        setup = trial_setup(grid_cfg)
-        dataset = args.dataset
-        points = grid_points(grid_cfg.space)
-        grid_epochs = len(points) * args.max_t
-        t0 = time.perf_counter()
-        passes, _ = common.fill_store(setup.backbone, setup.datasets[dataset], SPACE["t"], SPACE["block"],
-                                      setup.store_root, batch_size=128)
-        print(f"search_efficiency: {dataset} ({'limit ' + str(limit) if limit else 'all images'}), "
-              f"{len(points)}-point grid, max_t={args.max_t}; store filled once: {passes} image passes in "
-              f"{time.perf_counter() - t0:.1f}s", flush=True)
-
-        t0 = time.perf_counter()
-        if args.ray:
-            grid = ray_sweep(grid_cfg)
-            grid_best = grid["best_val"]
-            grid_epochs = grid["epochs"]
-            grid_best_config = grid["best_config"]
-        else:
-            curves = {point_key(p): train_point(setup, dataset, p) for p in points}
-            best_key = max(curves, key=lambda k: curves[k][-1])
-            grid_best, grid_best_config = curves[best_key][-1], dict(best_key)
-            again = train_point(setup, dataset, dict(best_key))
-            assert again == curves[best_key], "head training is not deterministic: the in-process search is invalid"
-        print(f"grid: best val_acc {grid_best:.4f} ({describe(grid_best_config)}), {grid_epochs} epochs, "
-              f"{time.perf_counter() - t0:.1f}s{' (Ray Tune)' if args.ray else ''}; "
-              f"{'' if args.ray else 'retraining the best point gave the identical curve'}", flush=True)
-
-        gaps, fractions = [], []
-        how = "Ray Tune run_sweep" if args.ray else "in-process: PerDatasetOptunaSearch + Tune's ConcurrencyLimiter/ASHA"
-        print(f"TPE + ASHA (grace {args.grace_period}, reduction {args.reduction_factor:g}), {args.num_samples} "
-              f"trials, {args.max_concurrent} concurrent, {how}:")
-        for seed in range(seeds):
-            cfg = sweep_config(tmp, args, checkpoint, "tpe", seed, limit)
-            t0 = time.perf_counter()
-            r = ray_sweep(cfg) if args.ray else simulate_search(cfg, curves)
-            gap = (grid_best - r["best_val"]) * 100
-            frac = r["epochs"] / grid_epochs
-            gaps.append(gap)
-            fractions.append(frac)
-            print(f"  seed {seed}: gap {gap:5.2f} pts, epochs {r['epochs']:3d}/{grid_epochs} = {frac:.3f}, "
-                  f"{r['trials']} trials ({r['completed']} to max_t), best val {r['best_val']:.4f} "
-                  f"({describe(r['best_config'])}) [{time.perf_counter() - t0:.1f}s]", flush=True)
-    gap, frac = statistics.median(gaps), statistics.median(fractions)
-    ok = gap <= 0.5 and frac <= 0.30
-    hits = sum(g <= 0.5 for g in gaps)
-    print(f"median over {seeds} seeds: gap {gap:.2f} pts, epochs fraction {frac:.3f}; target gap <= 0.5 with "
-          f"<= 0.30 of the grid's epochs: {'met' if ok else 'NOT met'} (median); seeds within 0.5 pts: "
-          f"{hits}/{seeds}, worst gap {max(gaps):.2f} pts; total {time.perf_counter() - t_start:.0f}s")
-    print(f"gap={gap:.2f} epochs_fraction={frac:.3f}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="search_eff_") as tmp:
+        for d in datasets:
+            results.append(evaluate(args, d, args.store or tmp, seeds, args.quick))
+    summaries = [summary(r) for r in results]
+    for r, s in zip(results, summaries):
+        report(r, s)
+    if args.plot:
+        plot(results, args.plot)
+        print(f"curves: {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**s, "dataset": r["dataset"], "sizes": r["sizes"],
+                                                "grid_judge": r["grid"].best_judge, "grid_epochs": r["grid"].epochs,
+                                                "oracle_judge": r["oracle"],
+                                                "grid_chosen": describe(r["grid"].best)}
+                                               for r, s in zip(results, summaries)], indent=1))
+    s = summaries[-1]  # the evaluation dataset (Fashion-MNIST unless only digits ran)
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    print(f"gap={s['gap']:.2f} epochs_fraction={s['epochs_fraction']:.3f} beats_random={s['beats_random']:.2f}")
 
 
 if __name__ == "__main__":

@@ -70,9 +70,13 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
     return points
 
 
+# The TPE sampler's options (benchmarks/search_efficiency.py chose them on digits).
+TPE_OPTIONS: dict[str, Any] = {"n_startup_trials": 5}
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+        return optuna.samplers.TPESampler(seed=seed, **TPE_OPTIONS)
     # "grid" enqueues every point (see grid_points), so its sampler only ever replays them.
     return optuna.samplers.RandomSampler(seed=seed)
 

@@ -50,6 +50,21 @@ def test_ddpm_train_throughput_quick():
     assert re.fullmatch(rf"ratio={NUMBER}", line), line
 
 
+def test_search_efficiency_quick():
+    """diffsweep's searcher + Tune's ASHA against the grid and the baselines on a digits subset."""
+    line = last_line("search_efficiency.py", "--quick", timeout=300)
+    m = re.fullmatch(rf"gap=({NUMBER}) epochs_fraction=({NUMBER}) beats_random=({NUMBER})", line)
+    assert m, line
+    fraction, beats = float(m.group(3)), float(m.group(5))
+    assert 0 < fraction <= 1 and 0 <= beats <= 1, line
+
+
+def test_search_efficiency_bad_seeds():
+    proc = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--seeds", "5..2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--seeds" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
                                     "search_efficiency.py", "representation.py", "ddpm_train_throughput.py",
                                     "scale.py"])
