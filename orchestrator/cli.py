@@ -88,9 +88,14 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from orchestrator.predict import predict
 
-    for image, label in predict(args.config, args.images):
-        print(f"{image}\t{label}")
-    return 0
+    failed = 0
+    for p in predict(args.config, args.images):
+        if p.error is not None:
+            failed += 1
+            print(f"diffsweep: error: {p.error}", file=sys.stderr)
+        else:
+            print(f"{p.image}\t{p.label}")
+    return 2 if failed else 0
 
 
 def cmd_blocks(args) -> int:

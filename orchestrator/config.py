@@ -5,6 +5,7 @@ Every error names the YAML path of the bad field (e.g. `space.t[2]`) and what wo
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -279,8 +280,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Sw
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"sweep spec {path}: YAML syntax error{where} ({getattr(e, 'problem', e)}); fix the YAML") \
             from None
+    return parse_config(raw, path, overrides)
+
+
+def parse_config(raw: Any, path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Validate the YAML's content (`path` names its source in errors); raise ConfigError in one line."""
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep spec {path}: expected a mapping of settings at the top level")
+    raw = copy.deepcopy(raw)  # a deep copy: overrides never change the caller's dict
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

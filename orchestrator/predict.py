@@ -1,25 +1,23 @@
 """Use an exported selection: label images (`predict`) or score a dataset split (`evaluate`).
 
-Features are recomputed with the same function the store used (`trials.features.extract_batch`), so
-`evaluate` reproduces the test accuracy the sweep reported.
+Both run `orchestrator.classifier.Classifier`, whose features are recomputed with the function the
+store used (`trials.features.extract_batch`), so `evaluate` reproduces the test accuracy the sweep
+reported and `predict` gives a dataset image the answer `evaluate` gives it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from orchestrator.export import resolve_checkpoint_path
-from trials.datasets import DatasetError
 from trials.ddpm import sha256_file
-from trials.features import BackboneSpec, DatasetSpec, class_labels, dataset_splits, extract_batch, load_backbone
+from trials.features import BackboneSpec
 from trials.heads import build_head_for_maps
 from trials.store import FeatureArray
 from trials.train_head import split_hparams
@@ -74,60 +72,21 @@ def load_exported(path: str | Path) -> Exported:
     return Exported(doc, head.eval(), spec)
 
 
-def features_for(exp: Exported, x: torch.Tensor, image_ids: list[str]) -> list[torch.Tensor]:
-    f = exp.doc["features"]
-    model = load_backbone(exp.backbone)
-    by_t: dict[int, list[int]] = {}
-    for t, b in exp.maps:
-        by_t.setdefault(t, []).append(b)
-    captured = {(t, b): m for t, blocks in by_t.items()
-                for b, m in extract_batch(model, x, image_ids, t, blocks, f["noise_seed"], f["max_spatial"],
-                                          exp.backbone.schedule,
-                                          y=class_labels(exp.backbone, len(image_ids), next(model.parameters()).device)).items()}
-    return [torch.from_numpy(captured[m]).float() for m in exp.maps]
+def classifier(config_path: str | Path, device: str = "cpu"):
+    """The export as a `Classifier` (one forward path for predict, evaluate and the Python API)."""
+    from orchestrator.classifier import Classifier
+
+    return Classifier(load_exported(config_path), device=device)
 
 
-@torch.no_grad()
-def logits(exp: Exported, x: torch.Tensor, image_ids: list[str]) -> torch.Tensor:
-    maps = features_for(exp, x, image_ids)
-    return exp.head(maps[0] if len(maps) == 1 else maps)
+def evaluate(config_path: str | Path, split: str = "test", batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
+    return classifier(config_path, device).evaluate(split, batch_size=batch_size)
 
 
-def evaluate(config_path: str | Path, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    from trials.datasets.preprocess import iter_batches
-
-    exp = load_exported(config_path)
-    d = exp.doc["dataset"]
-    spec = DatasetSpec(d["name"], d["root"], d["val_fraction"], tuple(sorted(d["limit"].items())),
-                       False, tuple(sorted(d["options"].items())), d["seed"])
-    _, splits = dataset_splits(spec)
-    if split not in splits:
-        raise ExportError(f"split '{split}' unknown; use one of {', '.join(splits)}")
-    pre = exp.doc["features"]["preprocessing"]
-    correct = total = 0
-    for x, batch in iter_batches(splits[split], pre["image_size"], pre["channels"], batch_size):
-        pred = logits(exp, torch.from_numpy(x), [s.image_id for s in batch]).argmax(1).numpy()
-        correct += int((pred == np.array([s.label for s in batch])).sum())
-        total += len(batch)
-    return {"dataset": d["name"], "split": split, "n": total, "accuracy": correct / max(total, 1)}
-
-
-def predict(config_path: str | Path, images: list[str]) -> list[tuple[str, str]]:
-    """Label image files. The noise seed for a file is keyed by its content hash (a stable image id)."""
-    from trials.datasets.preprocess import open_image, to_model_input
-
-    exp = load_exported(config_path)
-    pre = exp.doc["features"]["preprocessing"]
-    arrays, ids = [], []
-    for image in images:
-        p = Path(image)
-        if not p.is_file():
-            raise DatasetError(f"image {p}: file not found; pass paths of image files")
-        arrays.append(to_model_input(open_image(p, pre["channels"]), pre["image_size"]))
-        ids.append(hashlib.sha256(p.read_bytes()).hexdigest())
-    pred = logits(exp, torch.from_numpy(np.stack(arrays)), ids).argmax(1).tolist()
-    classes = exp.doc["dataset"]["classes"]
-    return [(image, classes[i]) for image, i in zip(images, pred)]
+def predict(config_path: str | Path, images: list, batch_size: int = 64, device: str = "cpu", top_k: int = 1):
+    """Label images (`Prediction`s, one per image, in order; an unreadable image has `error` set).
+    Noise ids follow the one convention of `orchestrator.classifier`."""
+    return classifier(config_path, device).predict(images, batch_size=batch_size, top_k=top_k)
 
 
 __all__ = ["CheckpointError", "ExportError", "FeatureArray", "evaluate", "load_exported", "predict"]
