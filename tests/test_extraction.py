@@ -8,6 +8,7 @@ import sys
 import uuid
 
 import numpy as np
+import pytest
 import ray
 
 from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
@@ -158,3 +159,17 @@ def test_pooled_cache_is_built_once_and_equals_pooling_the_map(ray_local, tmp_pa
     assert pooled[0].shape == (400, 64, 2, 2) and pooled[0].dtype == np.float32
     assert np.array_equal(pooled[0].take(np.arange(400)), want)
     assert store.has(key(4).pooled(1)) and store.has(key(4).pooled(4))  # one pass made every pool
+
+
+def test_numeric_path_is_part_of_the_key_and_a_worker_refuses_another_path(tmp_path):
+    """GPU fills (bf16 autocast, cuDNN autotune) and CPU fills (fp32) give different numbers, so
+    they have different keys; a CPU worker never writes features under the GPU path's key."""
+    from dataclasses import replace
+
+    cpu = request(blocks=(4,))
+    gpu = replace(cpu, numeric="cuda-bf16")
+    assert cpu.key(10, 4).numeric == "cpu-fp32" and gpu.key(10, 4).numeric == "cuda-bf16"
+    assert cpu.key(10, 4).digest != gpu.key(10, 4).digest and cpu.group != gpu.group
+    with pytest.raises(RuntimeError, match="cuda-bf16"):
+        fill_request(gpu, FillOptions(str(tmp_path)), device="cpu")
+    assert not FeatureStore(str(tmp_path)).has(gpu.key(10, 4))
