@@ -13,8 +13,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trials.diffusion import NUM_TIMESTEPS
-from trials.heads import HEADS
+from trials.constants import HEADS, NUM_TIMESTEPS
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "trials" / "checkpoints" / \
     "adm-28-small-fashion_mnist.safetensors"
