@@ -22,7 +22,7 @@ fashion-mnist:
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 quickstart: install fashion-mnist
-	$(VENV)/bin/diffsweep run search_spaces/quickstart.yaml
+	$(VENV)/bin/diffsweep run search_spaces/quickstart.yaml --overwrite
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install fashion-mnist

@@ -53,6 +53,8 @@ def run(config: "str | Path | dict[str, Any] | SweepConfig", *, address: str | N
         cfg = parse_config(config, "config dict", dotted)
     else:
         cfg = load_config(config, dotted)
+    from orchestrator.rerun import check_new_sweep
+    check_new_sweep(cfg, overwrite=overwrite, how="pass overwrite=True")
     return run_sweep(cfg, address=address)
 
 

@@ -33,7 +33,7 @@ def add_cka_parser(sub) -> None:
     s.add_argument("space", help="the sweep YAML (its checkpoint, datasets, feature store and MLflow)")
     s.add_argument("--blocks", required=True, help="comma-separated blocks, paper numbering, e.g. 4,8,10")
     s.add_argument("--t", required=True, help="comma-separated noise steps, e.g. 10,100,300")
-    s.add_argument("--split", default="val", choices=["train", "val", "test"])
+    s.add_argument("--split", default="val", choices=["train", "val", "test"], help="the split whose features are compared")
     s.add_argument("--against", help="another checkpoint file to compare with, or 'random' (untrained U-Net)")
     s.add_argument("--against-arch", help="architecture of --against (default: the spec's checkpoint.arch)")
     s.add_argument("--limit", type=int, help="at most N images (seeded stratified subset of the split)")

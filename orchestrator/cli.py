@@ -12,7 +12,7 @@ def _overrides(args) -> dict:
     out = {}
     for flag, key in (("tracking_uri", "tracking.uri"), ("storage_path", "storage_path"),
                       ("num_samples", "search.num_samples"), ("seed", "seed"), ("export_dir", "export_dir"),
-                      ("store", "store.path")):
+                      ("store", "store.path"), ("name", "name")):
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
@@ -21,19 +21,23 @@ def _overrides(args) -> dict:
 
 def cmd_run(args) -> int:
     from orchestrator.config import load_config
+    from orchestrator.rerun import check_new_sweep
+
+    cfg = load_config(args.space, _overrides(args))  # before torch and Ray: a bad YAML is refused at once
+    check_new_sweep(cfg, overwrite=args.overwrite)
     from orchestrator.report import print_summary
     from orchestrator.sweep import run_sweep
 
-    cfg = load_config(args.space, _overrides(args))
     outcome = run_sweep(cfg, address=args.address)
     return print_summary(cfg, outcome)
 
 
 def cmd_plan(args) -> int:
     from orchestrator.config import load_config
-    from orchestrator.plan import format_plan, sweep_plan
 
     cfg = load_config(args.space, _overrides(args))
+    from orchestrator.plan import format_plan, sweep_plan
+
     path = cfg.checkpoint_path()
     if args.published_sizes and path is not None and not path.is_file():
         # the plan needs only the architecture; random weights of it have the same shapes and speed
@@ -68,9 +72,10 @@ def cmd_status(args) -> int:
 
 def cmd_extract(args) -> int:
     from orchestrator.config import load_config
-    from orchestrator.sweep import fill_store, init_ray, trial_setup, check_datasets
 
     cfg = load_config(args.space, _overrides(args))
+    from orchestrator.sweep import fill_store, init_ray, trial_setup, check_datasets
+
     check_datasets(cfg)
     setup = trial_setup(cfg)
     init_ray(args.address)
@@ -81,21 +86,23 @@ def cmd_extract(args) -> int:
 def cmd_evaluate(args) -> int:
     from orchestrator.predict import evaluate
 
-    print(json.dumps(evaluate(args.config, args.split)))
+    print(json.dumps(evaluate(args.config, args.split, batch_size=args.batch_size, device=args.device)))
     return 0
 
 
 def cmd_predict(args) -> int:
     from orchestrator.predict import predict
 
-    failed = 0
-    for p in predict(args.config, args.images):
+    preds = predict(args.config, args.images, batch_size=args.batch_size, device=args.device, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in preds], indent=1))
+    for p in preds:  # a bad image is one line of its own; the others are labelled all the same
         if p.error is not None:
-            failed += 1
             print(f"diffsweep: error: {p.error}", file=sys.stderr)
-        else:
-            print(f"{p.image}\t{p.label}")
-    return 2 if failed else 0
+        elif not args.json:
+            extra = "".join(f"\t{c} {prob:.4f}" for c, prob in p.top_k) if args.top_k > 1 else ""
+            print(f"{p.image}\t{p.label}{extra}")
+    return 2 if any(p.error is not None for p in preds) else 0
 
 
 def cmd_blocks(args) -> int:
@@ -139,12 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--storage-path", help="Ray Tune storage path (shared storage on a cluster)")
         s.add_argument("--store", help="feature store path or URI")
         s.add_argument("--num-samples", type=int, help="trials per dataset")
-        s.add_argument("--seed", type=int)
-        s.add_argument("--export-dir")
+        s.add_argument("--seed", type=int, help="the sweep's seed (splits, samplers, noise); default from the YAML")
+        s.add_argument("--export-dir", help="where the selected configs are exported (default: exported)")
+        s.add_argument("--name", help="the sweep's name (default: `name:` in the YAML)")
 
     s = sub.add_parser("run", help="run a sweep from a YAML search space")
-    s.add_argument("space")
+    s.add_argument("space", help="the sweep's YAML search space, e.g. search_spaces/quickstart.yaml")
     sweep_flags(s)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sweep of the same name (its Tune state; MLflow runs are kept)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="what a sweep will cost (images, passes, bytes, trials, time, RAM) before it runs")
@@ -161,57 +171,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("resume", help="continue an interrupted sweep")
-    s.add_argument("name")
-    s.add_argument("--storage-path", default="runs/ray")
-    s.add_argument("--address")
+    s.add_argument("name", help="the sweep's name (`name:` in its YAML)")
+    s.add_argument("--storage-path", default="runs/ray", help="Ray Tune storage path the sweep ran with")
+    s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); default: local Ray")
     s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("status", help="list the trials of a sweep")
-    s.add_argument("name")
-    s.add_argument("--storage-path", default="runs/ray")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("name", help="the sweep's name (`name:` in its YAML)")
+    s.add_argument("--storage-path", default="runs/ray", help="Ray Tune storage path the sweep ran with")
+    s.add_argument("--json", action="store_true", help="print the trials as JSON")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("extract", help="fill the feature store ahead of a sweep")
-    s.add_argument("space")
-    s.add_argument("--splits", default="train,val")
+    s.add_argument("space", help="the sweep's YAML search space")
+    s.add_argument("--splits", default="train,val", help="comma-separated splits to extract (train,val,test)")
     sweep_flags(s)
     s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("evaluate", help="accuracy of an exported config on a dataset split (JSON)")
-    s.add_argument("--config", required=True)
-    s.add_argument("--split", default="test")
+    s.add_argument("--config", required=True, help="an exported <dataset>.yaml")
+    s.add_argument("--split", default="test", help="train, val or test, as the sweep carved them")
+    s.add_argument("--batch-size", type=int, default=256, help="images per U-Net pass")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="label images with an exported config")
-    s.add_argument("--config", required=True)
-    s.add_argument("images", nargs="+")
+    s.add_argument("--config", required=True, help="an exported <dataset>.yaml")
+    s.add_argument("images", nargs="+", help="image files; an unreadable one is reported, the rest labelled")
+    s.add_argument("--batch-size", type=int, default=64, help="images per U-Net pass")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    s.add_argument("--top-k", type=int, default=1, help="also print the k most likely classes and their probabilities")
+    s.add_argument("--json", action="store_true", help="print a JSON list: image, label, index, top_k (or error)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("blocks", help="the block table of an architecture (paper numbering)")
-    s.add_argument("--arch", required=True)
+    s.add_argument("--arch", required=True, help="architecture name, e.g. adm-28-small or adm-256-uncond")
     s.add_argument("--max-spatial", type=int, default=16,
                    help="the store's spatial cap (store.max_spatial): the side a head sees is min(resolution, this)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(func=cmd_blocks)
 
     s = sub.add_parser("datasets", help="dataset tools")
     ds = s.add_subparsers(dest="datasets_command", required=True)
     s = ds.add_parser("inspect", help="class and split counts of a dataset on disk (JSON)")
-    s.add_argument("name")
-    s.add_argument("--root")
+    s.add_argument("name", help="dataset name (cub, flowers102, ..., fashion_mnist, digits)")
+    s.add_argument("--root", help="the dataset's unpacked folder (or its parent); default: the dataset's own")
     s.set_defaults(func=cmd_datasets)
 
     s = sub.add_parser("train-ddpm", help="train the small DDPM backbone")
-    s.add_argument("--dataset", default="fashion_mnist")
-    s.add_argument("--arch", default="adm-28-small")
-    s.add_argument("--out", required=True)
-    s.add_argument("--root")
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--save-every", type=int, default=250)
+    s.add_argument("--dataset", default="fashion_mnist", help="dataset to train on (its train split)")
+    s.add_argument("--arch", default="adm-28-small", help="U-Net architecture name")
+    s.add_argument("--out", required=True, help="the checkpoint to write (.safetensors; a .json sidecar beside it)")
+    s.add_argument("--root", help="the dataset's folder; default: the dataset's own")
+    s.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (a resumed run continues to this)")
+    s.add_argument("--batch-size", type=int, default=128, help="images per step")
+    s.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")
+    s.add_argument("--save-every", type=int, default=250, help="write a checkpoint every this many steps")
     s.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on a GPU, and on a CPU with --bf16)")
     s.add_argument("--bf16", action="store_true",
                    help="bf16 autocast on a CPU as well (always on with CUDA); faster on CPUs with AMX")
@@ -226,15 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from orchestrator.config import ConfigError
-    from orchestrator.predict import ExportError
-    from orchestrator.tracking import TrackingError
-    from trials.datasets import DatasetError
-    from trials.unet import CheckpointError
+EXPECTED = (("orchestrator.config", "ConfigError"), ("orchestrator.predict", "ExportError"),
+            ("orchestrator.tracking", "TrackingError"), ("trials.datasets.base", "DatasetError"),
+            ("trials.unet", "CheckpointError"))
 
-    return (ConfigError, DatasetError, CheckpointError, TrackingError, ExportError, PermissionError,
-            FileNotFoundError)
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors that end as one line. Only modules already imported are looked in (an error of a
+    module never imported cannot have been raised), so a refusal does not first import torch/MLflow."""
+    found = [getattr(sys.modules[m], name) for m, name in EXPECTED if m in sys.modules]
+    return (*found, PermissionError, FileNotFoundError)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -256,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("diffsweep: interrupted; `diffsweep resume NAME` continues a sweep", file=sys.stderr)
+        from orchestrator.hints import diffsweep_command
+        print(f"diffsweep: interrupted; `{diffsweep_command()} resume NAME` continues a sweep", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line, never a traceback from deep inside Ray
         inner = _unwrap(e)

@@ -13,8 +13,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trials.diffusion import NUM_TIMESTEPS
-from trials.heads import HEADS
+from trials.constants import HEADS, NUM_TIMESTEPS
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "trials" / "checkpoints" / \
     "adm-28-small-fashion_mnist.safetensors"
@@ -99,16 +98,9 @@ class Space(Strict):
     def _heads(cls, v: dict) -> dict:
         if not v:
             raise ValueError("no heads; name at least one of " + ", ".join(HEADS))
-        from trials.heads import head_hyperparameters
-        from trials.train_head import OPTIM_PARAMS
-        for name, params in v.items():
+        for name in v:
             if name not in HEADS:
                 raise ValueError(f"unknown head '{name}'; use one of {', '.join(HEADS)}")
-            known = (*head_hyperparameters(name), *OPTIM_PARAMS)
-            for param in params or {}:
-                if param not in known:
-                    raise ValueError(f"{name}.{param}: head '{name}' has no parameter '{param}'; "
-                                     f"use one of {', '.join(known)}")
         return v
 
     @model_validator(mode="after")
@@ -244,6 +236,14 @@ class SweepConfig(Strict):
                               "remove class_label")
         if isinstance(label, int) and not 0 <= label < flags.num_classes:
             raise ConfigError(f"checkpoint.class_label: {label} is outside 0..{flags.num_classes - 1}")
+        from trials.heads import head_hyperparameters  # the heads' own constructors say what they take
+        from trials.train_head import OPTIM_PARAMS
+        for name, params in self.space.head.items():
+            known = (*head_hyperparameters(name), *OPTIM_PARAMS)
+            for param in params:
+                if param not in known:
+                    raise ConfigError(f"space.head.{name}.{param}: head '{name}' has no parameter '{param}'; "
+                                      f"use one of {', '.join(known)}")
         for i, b in enumerate(self.space.block):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "

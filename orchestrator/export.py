@@ -19,6 +19,7 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # world-readable like the rest of the export (some writers create 0600)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

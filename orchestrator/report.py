@@ -43,10 +43,11 @@ def print_summary(cfg, outcome) -> int:
     if outcome.tracking_gaps:
         print(f"warning: {outcome.tracking_gaps} MLflow call(s) could not be delivered; see the log above")
     uri = cfg.tracking.uri
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    from orchestrator.hints import diffsweep_command, mlflow_command  # commands that work as printed
+    ui = f"{mlflow_command()} ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
     print(f"inspect:  {ui}   (experiment '{cfg.experiment}', parent run {outcome.parent_run_id})")
     for dataset, s in outcome.selected.items():
-        print(f"try:      diffsweep evaluate --config {s['yaml']} --split test")
+        print(f"try:      {diffsweep_command()} evaluate --config {s['yaml']} --split test")
     return 1 if missing else 0
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-NUM_TIMESTEPS = 1000
+from trials.constants import NUM_TIMESTEPS  # noqa: E402 - torch-free, for the config
 
 
 def betas(schedule: str = "linear", steps: int = NUM_TIMESTEPS) -> np.ndarray:

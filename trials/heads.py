@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("linear", "mlp", "cnn", "attention", "fusion")
+from trials.constants import HEADS  # noqa: E402 - torch-free, for the config
 POOLED_HEADS = ("linear", "mlp")  # heads that read an adaptive-average-pooled p×p map
 
 
