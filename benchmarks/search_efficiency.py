@@ -123,9 +123,9 @@ def evaluate(args, dataset: str, store: str, seeds: list[int], quick: bool) -> d
     key = search_sim.config_key({k: v for k, v in grid.best.items() if not k.startswith("_")})
     assert again == list(zip(trials.curves[key].val, trials.curves[key].judge)), \
         "head training is not deterministic: cached curves would be invalid"
-    oracle = max(c.judge[-1] for c in trials.curves.values())
+    oracle = max(trials.curves[search_sim.config_key({"dataset": dataset, **p})].judge[-1] for p in points)
     print(f"  grid: chosen {describe(grid.best)}: val {grid.best_val:.4f}, judge {grid.best_judge:.4f} "
-          f"(best judge of any point {oracle:.4f}); {grid.epochs} head-epochs, {time.perf_counter() - t0:.0f}s; "
+          f"(best judge of any grid point {oracle:.4f}); {grid.epochs} head-epochs, {time.perf_counter() - t0:.0f}s; "
           f"retraining the chosen point gave the identical curve", flush=True)
     if cache:
         trials.save(cache)
