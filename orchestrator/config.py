@@ -119,9 +119,9 @@ class Asha(Strict):
 class Search(Strict):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     seed: int = 0
-    # trials per dataset (grid: ignored, every config runs once); 24 with reduction factor 3 found the
-    # grid's best within 0.5 points at ≤30% of its epochs (benchmarks/search_efficiency.py)
-    num_samples: int = Field(24, ge=1)
+    # trials per dataset (grid: ignored, every config runs once); 48 with ASHA reduction factor 3, chosen
+    # on digits (benchmarks/search_efficiency.py: 24 gave a median gap of 0.18 points, 48 none)
+    num_samples: int = Field(48, ge=1)
     max_concurrent: int = Field(2, ge=1)
     metric: Literal["val_acc"] = "val_acc"
     asha: Asha | None = Asha()

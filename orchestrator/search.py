@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+import warnings
 from typing import Any
 
 import optuna
@@ -70,13 +71,17 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
     return points
 
 
-# The TPE sampler's options (benchmarks/search_efficiency.py chose them on digits).
-TPE_OPTIONS: dict[str, Any] = {"n_startup_trials": 5}
+# The TPE sampler's options, chosen on digits (benchmarks/search_efficiency.py). `group` makes the
+# multivariate TPE model the define-by-run space (each head's own parameters) jointly; Optuna's
+# default (constant_liar on) already covers the concurrent trials.
+TPE_OPTIONS: dict[str, Any] = {"n_startup_trials": 5, "multivariate": True, "group": True}
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **TPE_OPTIONS)
+        with warnings.catch_warnings():  # `group` is marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, **TPE_OPTIONS)
     # "grid" enqueues every point (see grid_points), so its sampler only ever replays them.
     return optuna.samplers.RandomSampler(seed=seed)
 
