@@ -13,7 +13,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trials.constants import HEADS, NUM_TIMESTEPS
+from trials.constants import NUM_TIMESTEPS
+from trials.head_registry import HEADS, REGISTRY
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "trials" / "checkpoints" / \
     "adm-28-small-fashion_mnist.safetensors"
@@ -104,10 +105,26 @@ class Space(Strict):
         return v
 
     @model_validator(mode="after")
-    def _fusion(self) -> "Space":
-        if "fusion" in self.head and not self.fusion_maps:
-            raise ValueError("head 'fusion' needs fusion_maps: a list of [[t, block], ...] sets")
+    def _map_sets(self) -> "Space":
+        for name in self.head:
+            spec = REGISTRY[name]
+            if spec.multi_map and not self.map_sets(name):
+                raise ValueError(f"head '{name}' needs {spec.maps_field}: a list of [[t, block], ...] sets")
         return self
+
+    def map_sets(self, head: str) -> list[list[tuple[int, int]]]:
+        """The (t, block) map sets a head that reads several maps chooses from ([] for the others)."""
+        spec = REGISTRY[head]
+        if not spec.multi_map:
+            return []
+        listed = [[(int(t), int(b)) for t, b in maps] for maps in getattr(self, spec.maps_field)]
+        if listed or not spec.all_maps_by_default:
+            return listed
+        return [[(t, b) for t in self.t for b in self.block]]  # every map the space captures, t-major
+
+    def listed_map_sets(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """Space field -> its map sets as written, for the heads that read several maps."""
+        return {s.maps_field: getattr(self, s.maps_field) for s in REGISTRY.values() if s.maps_field}
 
 
 class Asha(Strict):
@@ -183,7 +200,8 @@ class SweepConfig(Strict):
             if head not in self.space.head:
                 raise ValueError(f"search.warm_start[{i}].head: {head!r} is not a head of the space; use one "
                                  f"of {', '.join(self.space.head)}")
-            known = {"head", "t", "block", "pool", "fusion.maps", *(f"{head}.{p}" for p in self.space.head[head])}
+            sets = (f"{head}.set", f"{head}.maps") if REGISTRY[head].multi_map else ()
+            known = {"head", "t", "block", "pool", *sets, *(f"{head}.{p}" for p in self.space.head[head])}
             for key in point:
                 if key not in known:
                     raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "
@@ -248,11 +266,12 @@ class SweepConfig(Strict):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "
                                   "see `diffsweep blocks --arch ...`")
-        for i, maps in enumerate(self.space.fusion_maps):
-            for t, b in maps:
-                if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
-                    raise ConfigError(f"space.fusion_maps[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
-                                      f"block in 1..{n}")
+        for field, sets in self.space.listed_map_sets().items():
+            for i, maps in enumerate(sets):
+                for t, b in maps:
+                    if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
+                        raise ConfigError(f"space.{field}[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
+                                          f"block in 1..{n}")
 
 
 def _loc(loc: tuple) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, Range, SweepConfig
+from trials.head_registry import REGISTRY
 
 SPLITS_FILLED = ("train", "val")  # extracted before the trials; test only for each dataset's winner
 ROW_OVERHEAD = 8  # bytes per stored row besides the map: int32 label + int32 string offset
@@ -54,8 +55,10 @@ def _part_sizes(images: int, parts: int) -> list[int]:
     return [min(per, images - i * per) for i in range(parts)] if images else [0]
 
 
-def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, int, int]], num_classes: int) -> int:
-    """Largest checkpoint one trial of `head` writes: weights + optimiser state (+ BN buffers), fp32."""
+def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, int, int]], num_classes: int,
+                           maps: list[tuple[int, int]] | None = None) -> int:
+    """Largest checkpoint one trial of `head` writes: weights + optimiser state (+ BN buffers), fp32.
+    `maps`: the (t, block) of each shape, for heads that are told them."""
     import torch
 
     from trials.heads import build_head_for_maps
@@ -68,8 +71,10 @@ def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, 
     best = 0
     for values in combos:
         kw, _ = split_hparams(dict(zip(listed, values)))
-        if head in ("linear", "mlp"):
+        if REGISTRY[head].pooled:
             kw["pool"] = max(cfg.space.pool)
+        if REGISTRY[head].takes_maps:
+            kw["maps"] = [list(m) for m in maps or ()]
         with torch.device("meta"):
             model = build_head_for_maps(head, shapes, num_classes, **kw)
         n = sum(p.numel() for p in model.parameters())
@@ -141,7 +146,7 @@ def sweep_plan(cfg: SweepConfig, setup=None, measure: int = 0, throughput: float
 
     setup = setup or trial_setup(cfg)
     store = FeatureStore(setup.store_root)
-    pooled_heads = [h for h in cfg.space.head if h in ("linear", "mlp")]
+    pooled_heads = [h for h in cfg.space.head if REGISTRY[h].pooled]
     datasets, keys, pooled_bytes, ckpt_bytes = {}, [], 0, 0
     peak_task, passes, test_passes = 0, 0, 0
     ts = sorted(setup.space_blocks)
@@ -171,15 +176,17 @@ def sweep_plan(cfg: SweepConfig, setup=None, measure: int = 0, throughput: float
                 test_passes += size.images  # the winner's t only
         shapes0 = setup.request(name, "train", ts[0]).shapes()
         for head in cfg.space.head:
-            if head == "fusion":  # the first map set stands for all (sets are usually alike in size)
+            first = cfg.space.map_sets(head)[:1]  # the first map set stands for all (sets are usually alike in size)
+            if first:
                 maps = []
-                for t, b in cfg.space.fusion_maps[0]:
+                for t, b in first[0]:
                     s = setup.request(name, "train", t).shapes()[b]
                     maps.append((s.channels, s.side, s.side))
             else:
                 widest = max(shapes0.values(), key=lambda s: s.channels * s.side ** 2)
                 maps = [(widest.channels, widest.side, widest.side)]
-            ckpt_bytes = max(ckpt_bytes, _head_checkpoint_bytes(cfg, head, maps, num_classes))
+            ckpt_bytes = max(ckpt_bytes, _head_checkpoint_bytes(cfg, head, maps, num_classes,
+                                                                 first[0] if first else None))
     trials = PerDatasetOptunaSearch(cfg).total_budget
     fill_bytes = sum(k.bytes for k in keys if k.split in SPLITS_FILLED)
     test_bytes = sum(max((sum(k.bytes for k in keys if k.dataset == d and k.split == "test" and k.t == t)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from orchestrator.config import Range, Space, SweepConfig
-from trials.heads import POOLED_HEADS
+from trials.head_registry import REGISTRY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -29,14 +29,16 @@ def suggest_config(trial: optuna.Trial, space: Space) -> dict[str, Any]:
     """Define-by-run: head first, then only the parameters that head uses."""
     head = trial.suggest_categorical("head", list(space.head))
     config: dict[str, Any] = {"head": head}
-    if head == "fusion":
-        index = trial.suggest_categorical("fusion.set", list(range(len(space.fusion_maps))))
-        maps = [list(m) for m in space.fusion_maps[index]]
-        config.update({"fusion.maps": maps, "t": maps[0][0], "block": maps[0][1]})
+    spec = REGISTRY[head]
+    if spec.multi_map:
+        sets = space.map_sets(head)
+        index = trial.suggest_categorical(f"{head}.set", list(range(len(sets))))
+        maps = [list(m) for m in sets[index]]
+        config.update({f"{head}.maps": maps, "t": maps[0][0], "block": maps[0][1]})
     else:
         config["t"] = trial.suggest_categorical("t", space.t)
         config["block"] = trial.suggest_categorical("block", space.block)
-        if head in POOLED_HEADS:
+        if spec.pooled:
             config["pool"] = trial.suggest_categorical("pool", space.pool)
     for name, spec in space.head[head].items():
         key = f"{head}.{name}"
@@ -59,10 +61,10 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
                  for k, v in params.items() if isinstance(v, Range)}
         fixed = {k: (round(v) if params[k.split(".", 1)[1]].type == "int" else v) for k, v in fixed.items()}
         listed = {f"{head}.{k}": v for k, v in params.items() if not isinstance(v, Range)}
-        if head == "fusion":
-            base = [{"fusion.set": i} for i in range(len(space.fusion_maps))]
+        if REGISTRY[head].multi_map:
+            base = [{f"{head}.set": i} for i in range(len(space.map_sets(head)))]
         else:
-            pools = space.pool if head in POOLED_HEADS else [None]
+            pools = space.pool if REGISTRY[head].pooled else [None]
             base = [{"t": t, "block": b, **({"pool": p} if p is not None else {})}
                     for t, b, p in itertools.product(space.t, space.block, pools)]
         for b in base:

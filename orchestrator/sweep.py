@@ -51,7 +51,7 @@ def dataset_specs(cfg: SweepConfig) -> dict[str, DatasetSpec]:
 def space_blocks(cfg: SweepConfig) -> dict[int, tuple[int, ...]]:
     """t -> every block the space may read at t, so one U-Net pass per t captures them all."""
     out: dict[int, set[int]] = {t: set(cfg.space.block) for t in cfg.space.t}
-    for maps in cfg.space.fusion_maps:
+    for maps in (m for sets in cfg.space.listed_map_sets().values() for m in sets):
         for t, b in maps:
             out.setdefault(int(t), set()).add(int(b))
     return {t: tuple(sorted(b)) for t, b in out.items()}

@@ -82,3 +82,14 @@ def test_label_smoothing_reaches_the_loss():
         assert trainer.accuracy(data) >= 0.95
     assert losses[eps] >= floor - 1e-3
     assert losses[0.0] < floor - 0.1
+
+
+def test_registry_names_each_heads_parameters_from_its_builder():
+    from trials.head_registry import REGISTRY
+    from trials.heads import head_hyperparameters
+    assert head_hyperparameters("linear") == ()
+    assert head_hyperparameters("mlp") == ("hidden", "depth", "dropout")
+    assert head_hyperparameters("fusion") == head_hyperparameters("attention") == ("dim", "heads", "depth", "dropout")
+    for spec in REGISTRY.values():
+        assert set(spec.lr) == {"paper", "adamw"}  # a default learning rate for every recipe
+        assert not spec.multi_map or spec.maps_field  # a head reading several maps says where its sets are

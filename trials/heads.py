@@ -7,16 +7,13 @@ of several (t, block) maps at once, the DifFormer idea).
 
 from __future__ import annotations
 
-import inspect
-
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trials.constants import HEADS  # noqa: E402 - torch-free, for the config
-POOLED_HEADS = ("linear", "mlp")  # heads that read an adaptive-average-pooled p×p map
+from trials.head_registry import HEADS, head_spec  # noqa: F401 - HEADS re-exported for callers
 
 
 class LinearHead(nn.Module):
@@ -135,34 +132,27 @@ class FusionHead(AttentionHead):
         super().__init__(list(channels), list(spatial), num_classes, **kw)
 
 
-HEAD_CLASSES = {"linear": LinearHead, "mlp": MLPHead, "cnn": CNNHead, "attention": AttentionHead,
-                "fusion": FusionHead}
-
-
 def head_hyperparameters(head: str) -> tuple[str, ...]:
     """The architecture parameters a head's builder takes (what `space.head.<head>` may search, with
     the optimisation settings). `pool` comes from `space.pool`, not from the head's own entry."""
-    cls = HEAD_CLASSES[head]
-    init = (AttentionHead if cls is FusionHead else cls).__init__
-    skip = {"self", "channels", "spatial", "num_classes", "pool"}
-    return tuple(p for p in inspect.signature(init).parameters if p not in skip)
+    return head_spec(head).params
 
 
 def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence[int], num_classes: int,
                **hparams: Any) -> nn.Module:
     """Build a head by name. Hyper-parameters that the head does not take are an error."""
-    if head not in HEAD_CLASSES:
-        raise ValueError(f"unknown head '{head}'; known: {', '.join(HEADS)}")
-    if head != "fusion" and not isinstance(channels, int):
-        raise ValueError(f"head '{head}' reads one map; use 'fusion' for several")
-    return HEAD_CLASSES[head](channels, spatial, num_classes, **hparams)
+    spec = head_spec(head)
+    if not spec.multi_map and not isinstance(channels, int):
+        raise ValueError(f"head '{head}' reads one map; use a head that reads several (fusion) for several")
+    return spec.cls()(channels, spatial, num_classes, **hparams)
 
 
 def build_head_for_maps(head: str, shapes: Sequence[Sequence[int]], num_classes: int, **hparams: Any) -> nn.Module:
-    """Build a head for feature maps of the given (C, H, W) shapes: one map, or several for fusion."""
+    """Build a head for feature maps of the given (C, H, W) shapes: one map, or several for a
+    head that reads several (fusion)."""
     channels = [int(s[0]) for s in shapes]
     sides = [int(s[-1]) for s in shapes]
-    if head == "fusion":
+    if head_spec(head).multi_map:
         return build_head(head, channels, sides, num_classes, **hparams)
     return build_head(head, channels[0], sides[0], num_classes, **hparams)
 

@@ -19,7 +19,8 @@ from ray import tune
 
 from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
 from trials.features import BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, dataset_splits
-from trials.heads import POOLED_HEADS, param_count
+from trials.head_registry import REGISTRY
+from trials.heads import param_count
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
 
@@ -53,17 +54,21 @@ class TrialSetup:
 
 
 def trial_maps(config: dict[str, Any]) -> list[tuple[int, int]]:
-    """The (t, block) maps a trial reads: one, or several for the fusion head."""
-    if config["head"] == "fusion":
-        return [(int(t), int(b)) for t, b in config["fusion.maps"]]
+    """The (t, block) maps a trial reads: one, or several for a head that reads several."""
+    head = config["head"]
+    if REGISTRY[head].multi_map:
+        return [(int(t), int(b)) for t, b in config[f"{head}.maps"]]
     return [(int(config["t"]), int(config["block"]))]
 
 
 def head_hparams(config: dict[str, Any]) -> dict[str, Any]:
     head = config["head"]
-    params = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(head + ".") and k != "fusion.maps"}
-    if head in POOLED_HEADS:
+    spec = REGISTRY[head]
+    params = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(head + ".") and k != f"{head}.maps"}
+    if spec.pooled:
         params["pool"] = int(config["pool"])
+    if spec.takes_maps:
+        params["maps"] = [list(m) for m in trial_maps(config)]
     return params
 
 
@@ -95,7 +100,7 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
 
 def trial_pool(config: dict[str, Any]) -> int | None:
     """The pool a pooled head reads (its cache is what the trial loads), None for spatial heads."""
-    return int(config["pool"]) if config["head"] in POOLED_HEADS else None
+    return int(config["pool"]) if REGISTRY[config["head"]].pooled else None
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
