@@ -76,6 +76,7 @@ class Space(Strict):
     pool: list[int] = [1]
     head: dict[str, dict[str, Param]]
     fusion_maps: list[list[tuple[int, int]]] = []  # for head "fusion": sets of (t, block) maps
+    mixing_maps: list[list[tuple[int, int]]] = []  # for head "mixing"; none listed = every t × block above
 
     @field_validator("t")
     @classmethod

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 from mlflow.entities import Metric, Param, RunTag
@@ -83,6 +86,7 @@ class MlflowTrialCallback(Callback):
         self.lost_calls = 0
         self.on_done = on_done
         self._client: MlflowClient | None = None
+        self._artifacts: str | None = None  # folder of files waiting to be (or already) logged
 
     @property
     def client(self) -> MlflowClient:
@@ -153,9 +157,23 @@ class MlflowTrialCallback(Callback):
         status = trial_status(int(last.get("epoch", 0)), self.max_t, errored)
         if run_id is not None:
             self._call("log_batch", run_id, tags=[RunTag(STATUS_TAG, status)])
+            if last.get("map_weights"):
+                self._log_map_weights(run_id, trial, json.loads(last["map_weights"]))
             self._call("set_terminated", run_id, status="FAILED" if errored else "FINISHED")
         if self.on_done:
             self.on_done(status, {**trial.config, **{k: last.get(k) for k in ("val_acc", "epoch")}})
+
+    def _log_map_weights(self, run_id: str, trial, map_weights: list) -> None:
+        """A mixing head's learned (t, block) weights: a heatmap PNG and the table as JSON."""
+        from orchestrator.plots import weights_heatmap
+        if self._artifacts is None:  # kept until the process ends: a buffered call is replayed later
+            self._artifacts = tempfile.mkdtemp(prefix="diffsweep-artifacts-")
+        folder = os.path.join(self._artifacts, trial.trial_id)
+        os.makedirs(folder, exist_ok=True)
+        weights_heatmap(map_weights, Path(folder) / "mixing_weights.png", title=f"{trial.config.get('dataset')}: mixing weights (%)")
+        with open(os.path.join(folder, "mixing_weights.json"), "w") as f:
+            json.dump(map_weights, f)
+        self._call("log_artifacts", run_id, folder, artifact_path="heatmaps")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, errored=False)

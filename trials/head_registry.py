@@ -63,6 +63,8 @@ REGISTRY: Mapping[str, HeadSpec] = MappingProxyType({s.name: s for s in (
     HeadSpec("cnn", "map", _lr(1e-2, 1e-3), "trials.heads:CNNHead"),
     HeadSpec("attention", "map", _lr(5e-2, 3e-4), "trials.heads:AttentionHead"),
     HeadSpec("fusion", "maps", _lr(5e-2, 3e-4), "trials.heads:FusionHead", maps_field="fusion_maps"),
+    HeadSpec("mixing", "maps", _lr(1e-2, 1e-3), "trials.heads:MixingHead", maps_field="mixing_maps",
+             all_maps_by_default=True, takes_maps=True),
 )})
 HEADS = tuple(REGISTRY)
 

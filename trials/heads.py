@@ -1,8 +1,10 @@
 """Classification heads over frozen U-Net feature maps (N, C, H, W) -> class logits.
 
 The paper's heads, with hyper-parameters as keyword arguments so the search space can name them:
-linear (BN probe), mlp, cnn, attention (CLS token + transformer), and fusion (attention over tokens
-of several (t, block) maps at once, the DifFormer idea).
+linear (BN probe), mlp, cnn, attention (CLS token + transformer), fusion (attention over tokens
+of several (t, block) maps at once, the DifFormer idea), and mixing (Diffusion Hyperfeatures: a
+learned softmax-weighted sum of many (t, block) maps). Which head reads what is in
+`trials/head_registry.py`.
 """
 
 from __future__ import annotations
@@ -130,6 +132,58 @@ class FusionHead(AttentionHead):
 
     def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int, **kw: Any):
         super().__init__(list(channels), list(spatial), num_classes, **kw)
+
+
+class MixingHead(nn.Module):
+    """Diffusion Hyperfeatures' aggregation: every (t, block) map through its block's bottleneck
+    (1×1 conv to width `dim` + GroupNorm with one group + GELU, shared across t, as the block's
+    channels mean the same thing at every t), resized to `side`×`side`, summed with one learned softmax-normalised
+    weight per (t, block), then global average pool -> Linear.
+
+    `maps` is each input's (t, block); without it every input has its own bottleneck."""
+
+    def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int,
+                 maps: Sequence[Sequence[int]] | None = None, dim: int = 64, side: int = 8, dropout: float = 0.0):
+        super().__init__()
+        chans = [channels] if isinstance(channels, int) else list(channels)
+        self.maps = [tuple(int(v) for v in m) for m in maps] if maps is not None else [(0, i) for i in range(len(chans))]
+        if len(self.maps) != len(chans):
+            raise ValueError(f"{len(chans)} input maps but {len(self.maps)} (t, block) labels")
+        self.blocks = [b for _, b in self.maps]
+        channels_of: dict[int, int] = {}
+        for b, c in zip(self.blocks, chans):
+            if channels_of.setdefault(b, c) != c:
+                raise ValueError(f"block {b} has maps of {channels_of[b]} and {c} channels")
+        self.side = int(side)
+        # one group: small groups (1 channel at dim ≤ 32) would remove each channel's per-image mean,
+        # which is where a pooled feature's class signal often sits
+        self.bottleneck = nn.ModuleDict({
+            str(b): nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.GroupNorm(1, dim), nn.GELU())
+            for b, c in channels_of.items()})
+        self.mix = nn.Parameter(torch.zeros(len(self.maps)))  # uniform weights at the start
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def map_weights(self) -> torch.Tensor:
+        """The mixing weights, one per input (t, block), summing to one."""
+        return torch.softmax(self.mix.float(), dim=0)
+
+    def mixed(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (N, dim, side, side) mixed map."""
+        maps = [x] if torch.is_tensor(x) else list(x)
+        w = self.map_weights()
+        out = 0
+        for i, (m, b) in enumerate(zip(maps, self.blocks)):
+            h = self.bottleneck[str(b)](m)
+            if h.shape[-1] > self.side:  # averaging, not sampling, when shrinking
+                h = F.adaptive_avg_pool2d(h, self.side)
+            elif h.shape[-1] < self.side:
+                h = F.interpolate(h, size=(self.side, self.side), mode="bilinear", align_corners=False)
+            out = out + w[i].to(h.dtype) * h
+        return out
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.drop(self.mixed(x).mean(dim=(2, 3))))
 
 
 def head_hyperparameters(head: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ is missing (first use, or a corrupted file) it is computed exactly once cluster-
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -121,5 +122,14 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     for metrics in trainer.epochs(val):
         with tempfile.TemporaryDirectory() as d:
             torch.save(trainer.state_dict(), os.path.join(d, "trainer.pt"))
-            tune.report({**metrics, "head_params": n_params, "node_id": node},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **learned_map_weights(trainer.model, maps), "head_params": n_params,
+                         "node_id": node}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def learned_map_weights(model: torch.nn.Module, maps: list[tuple[int, int]]) -> dict[str, str]:
+    """A head that weighs its (t, block) maps (mixing) reports the weights with every result, as JSON
+    [[t, block, weight], ...], so the driver can log them (MLflow heatmaps) without the checkpoint."""
+    if not hasattr(model, "map_weights"):
+        return {}
+    weights = model.map_weights().detach().cpu().tolist()
+    return {"map_weights": json.dumps([[t, b, round(w, 6)] for (t, b), w in zip(maps, weights)])}
