@@ -77,6 +77,8 @@ class Space(Strict):
     head: dict[str, dict[str, Param]]
     fusion_maps: list[list[tuple[int, int]]] = []  # for head "fusion": sets of (t, block) maps
     mixing_maps: list[list[tuple[int, int]]] = []  # for head "mixing"; none listed = every t × block above
+    # each feature is the mean over k seeded ε draws, k searched from this list (DIFT's ensemble)
+    noise_draws: list[int] = [1]
 
     @field_validator("t")
     @classmethod
@@ -93,6 +95,16 @@ class Space(Strict):
     def _nonempty(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("empty list; give at least one value")
+        return v
+
+    @field_validator("noise_draws")
+    @classmethod
+    def _draws(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("empty list; give at least one ensemble size (1 = one ε draw)")
+        for i, k in enumerate(v):
+            if k < 1:
+                raise ValueError(f"[{i}] = {k}; an ensemble has at least one draw")
         return v
 
     @field_validator("head")
@@ -202,7 +214,7 @@ class SweepConfig(Strict):
                 raise ValueError(f"search.warm_start[{i}].head: {head!r} is not a head of the space; use one "
                                  f"of {', '.join(self.space.head)}")
             sets = (f"{head}.set", f"{head}.maps") if REGISTRY[head].multi_map else ()
-            known = {"head", "t", "block", "pool", *sets, *(f"{head}.{p}" for p in self.space.head[head])}
+            known = {"head", "t", "block", "pool", "noise_draws", *sets, *(f"{head}.{p}" for p in self.space.head[head])}
             for key in point:
                 if key not in known:
                     raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "

@@ -40,6 +40,8 @@ def suggest_config(trial: optuna.Trial, space: Space) -> dict[str, Any]:
         config["block"] = trial.suggest_categorical("block", space.block)
         if spec.pooled:
             config["pool"] = trial.suggest_categorical("pool", space.pool)
+    if space.noise_draws != [1]:  # absent = 1 draw, so spaces without ensembles keep their configs
+        config["noise_draws"] = trial.suggest_categorical("noise_draws", space.noise_draws)
     for name, spec in space.head[head].items():
         key = f"{head}.{name}"
         if isinstance(spec, Range):
@@ -67,9 +69,10 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
             pools = space.pool if REGISTRY[head].pooled else [None]
             base = [{"t": t, "block": b, **({"pool": p} if p is not None else {})}
                     for t, b, p in itertools.product(space.t, space.block, pools)]
-        for b in base:
+        draws = [{"noise_draws": k} for k in space.noise_draws] if space.noise_draws != [1] else [{}]
+        for b, k in itertools.product(base, draws):
             for values in itertools.product(*listed.values()):
-                points.append({"head": head, **b, **dict(zip(listed, values)), **fixed})
+                points.append({"head": head, **b, **k, **dict(zip(listed, values)), **fixed})
     return points
 
 

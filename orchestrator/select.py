@@ -123,7 +123,7 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
     from orchestrator.plots import accuracy_heatmap, weights_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
-    from trials.trainable import load_split, trial_maps, trial_pool
+    from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)
     chosen = select_best(table)
@@ -152,7 +152,7 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
             config = row_config(row)
             maps = trial_maps(config)
             # the test split, once, for the winner
-            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator)
+            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator, draws=trial_draws(config))
             trainer, config = restore_trainer(setup, row, test)
             test_acc = trainer.accuracy(test)
             run_id = callback.runs.get(row["trial_id"])

@@ -117,6 +117,7 @@ def trial_setup(cfg: SweepConfig):
         noise_seed=cfg.noise_seed, space_blocks=space_blocks(cfg),
         recipe=Recipe(cfg.training.recipe, cfg.epochs, cfg.training.batch_size), max_spatial=cfg.store.max_spatial,
         numeric=sweep_numeric(cfg), space_pools=space_pools(cfg), seed=cfg.seed,
+        space_draws=tuple(sorted(set(cfg.space.noise_draws))),
         extract_options={"num_cpus": max(cfg.resources.extract_cpu, 1), "num_gpus": cfg.resources.extract_gpu})
 
 
@@ -130,14 +131,15 @@ def sweep_coordinator(cfg: SweepConfig, setup):
 
 def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val"), progress: bool = True,
                coordinator=None) -> dict:
-    """Extract every (dataset, split, t) group the space needs, in parallel, each exactly once.
+    """Extract every (dataset, split, t, noise draws) group the space needs, in parallel, each exactly once.
 
     Every part task declares its memory to Ray, so a node runs only as many as fit."""
     import ray
     from tqdm import tqdm
 
     coordinator = coordinator or sweep_coordinator(cfg, setup)
-    requests = {(d, s, t): setup.request(d, s, t) for d in setup.datasets for s in splits for t in setup.space_blocks}
+    requests = {(d, s, t, k): setup.request(d, s, t, draws=k) for d in setup.datasets for s in splits
+                for t in setup.space_blocks for k in setup.space_draws}
     refs = {k: coordinator.fill.remote(r, setup.fill) for k, r in requests.items()}
     sizes = {k: len(r.samples()) for k, r in requests.items()}
     pending = {r: k for k, r in refs.items()}

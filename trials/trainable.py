@@ -42,16 +42,19 @@ class TrialSetup:
     space_pools: tuple[int, ...] = (1,)  # every pool the space may ask (one pass builds all caches)
     seed: int = 0
     extract_options: dict = field(default_factory=dict)
+    space_draws: tuple[int, ...] = (1,)  # every noise-ensemble size the space may ask
 
     @property
     def store_root(self) -> str:
         return self.fill.store_root
 
-    def request(self, dataset: str, split: str, t: int, blocks: tuple[int, ...] | None = None) -> FeatureRequest:
-        """The request for every block the space reads at t (one U-Net pass covers them all)."""
+    def request(self, dataset: str, split: str, t: int, blocks: tuple[int, ...] | None = None,
+                draws: int = 1) -> FeatureRequest:
+        """The request for every block the space reads at t (one U-Net pass covers them all), each
+        map the mean over `draws` ε draws."""
         return FeatureRequest(self.backbone, self.datasets[dataset], split, (int(t),),
                               tuple(sorted(blocks or self.space_blocks.get(int(t), ()))), self.noise_seed,
-                              self.max_spatial, self.numeric)
+                              self.max_spatial, self.numeric, int(draws))
 
 
 def trial_maps(config: dict[str, Any]) -> list[tuple[int, int]]:
@@ -60,6 +63,11 @@ def trial_maps(config: dict[str, Any]) -> list[tuple[int, int]]:
     if REGISTRY[head].multi_map:
         return [(int(t), int(b)) for t, b in config[f"{head}.maps"]]
     return [(int(config["t"]), int(config["block"]))]
+
+
+def trial_draws(config: dict[str, Any]) -> int:
+    """The noise-ensemble size of a trial's features (absent: one draw, as before ensembles)."""
+    return int(config.get("noise_draws", 1))
 
 
 def head_hparams(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +86,7 @@ def trial_device() -> str:
 
 
 def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int, int]], pool: int | None = None,
-               coordinator=None, device: str = "cpu") -> list[FeatureArray]:
+               coordinator=None, device: str = "cpu", draws: int = 1) -> list[FeatureArray]:
     """Read the maps of one split (or, with `pool`, their pooled caches), computing once,
     cluster-wide, what is missing or corrupt (in this process when Ray is not running)."""
     store = FeatureStore(setup.store_root)
@@ -86,7 +94,7 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
         coordinator = get_coordinator(setup.sweep, setup.extract_options)
     out = []
     for t, block in maps:
-        request = setup.request(dataset, split, t, tuple(sorted(set(setup.space_blocks.get(t, ())) | {block})))
+        request = setup.request(dataset, split, t, tuple(sorted(set(setup.space_blocks.get(t, ())) | {block})), draws)
         key = request.key(t, block)
         try:
             array = store.read(key, verify=True)
@@ -108,9 +116,9 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: reports val_acc / train_loss / epoch once per epoch, with a checkpoint."""
     device = trial_device()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    maps, pool = trial_maps(config), trial_pool(config)
-    train = load_split(setup, config["dataset"], "train", maps, pool, device=device)
-    val = load_split(setup, config["dataset"], "val", maps, pool, device=device)
+    maps, pool, draws = trial_maps(config), trial_pool(config), trial_draws(config)
+    train = load_split(setup, config["dataset"], "train", maps, pool, device=device, draws=draws)
+    val = load_split(setup, config["dataset"], "val", maps, pool, device=device, draws=draws)
     num_classes = len(dataset_splits(setup.datasets[config["dataset"]])[0])
     trainer = HeadTrainer(config["head"], head_hparams(config), train, num_classes, setup.recipe, setup.seed, device)
     checkpoint = tune.get_checkpoint()
