@@ -152,3 +152,14 @@ def test_the_refusal_holds_for_a_sweep_config_built_in_python(tmp_path):
     with pytest.raises(ConfigError, match="pools 8, 16 are all at or above block 8's side"):
         diffsweep.run(cfg)
     assert not any((tmp_path / d).exists() for d in ("ray", "features", "exported", "mlruns.db"))
+
+
+@pytest.mark.parametrize("field, values", [("t", [10, 200, 10]), ("block", [4, 4]), ("pool", [1, 2, 1])])
+def test_a_value_listed_twice_in_the_space_is_refused(field, values, tmp_path):
+    """A repeated choice is a duplicate grid point (and weighs twice for the sampler)."""
+    from orchestrator.config import ConfigError, parse_config
+
+    spec = yaml.safe_load(tiny_space(tmp_path).read_text())
+    spec["space"][field] = values
+    with pytest.raises(ConfigError, match=rf"space\.{field}: \[\d\] = \d+ is listed twice; remove the repeat"):
+        parse_config(spec, "x")
