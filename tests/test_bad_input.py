@@ -106,8 +106,8 @@ def test_other_commands_refuse_bad_input(tmp_path, capsys):
 def test_pools_are_refused_exactly_when_two_give_a_block_the_same_head(tmp_path):
     """The rule against an independent count: a space is accepted iff its (block, side the head pools
     to) pairs are as many as its (block, pool) pairs, i.e. no two pools train the same head on a block.
-    The side a head sees comes from `diffsweep blocks --json` (not from the code under test), and the
-    head's pooled side from the heads themselves."""
+    The side a head sees comes from `diffsweep blocks --json` (the table users read, not the check's
+    own arithmetic), and the side a head pools to from the head itself (`LinearHead.pool`)."""
     import itertools
     import json
 
