@@ -107,6 +107,15 @@ class Space(Strict):
                 raise ValueError(f"[{i}] = {k}; an ensemble has at least one draw")
         return v
 
+    @field_validator("t", "block", "pool", "noise_draws")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        # a repeated choice is a duplicate grid point (and doubles its weight for the sampler)
+        for i, x in enumerate(v):
+            if x in v[:i]:
+                raise ValueError(f"[{i}] = {x} is listed twice; remove the repeat")
+        return v
+
     @field_validator("head")
     @classmethod
     def _heads(cls, v: dict) -> dict:
@@ -214,7 +223,8 @@ class SweepConfig(Strict):
                 raise ValueError(f"search.warm_start[{i}].head: {head!r} is not a head of the space; use one "
                                  f"of {', '.join(self.space.head)}")
             sets = (f"{head}.set", f"{head}.maps") if REGISTRY[head].multi_map else ()
-            known = {"head", "t", "block", "pool", "noise_draws", *sets, *(f"{head}.{p}" for p in self.space.head[head])}
+            known = {"head", "t", "block", "pool", "noise_draws", *sets,
+                     *(f"{head}.{p}" for p in self.space.head[head])}
             for key in point:
                 if key not in known:
                     raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "
@@ -279,12 +289,45 @@ class SweepConfig(Strict):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "
                                   "see `diffsweep blocks --arch ...`")
+        self._check_pools()
         for field, sets in self.space.listed_map_sets().items():
             for i, maps in enumerate(sets):
                 for t, b in maps:
                     if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
                         raise ConfigError(f"space.{field}[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
                                           f"block in 1..{n}")
+
+    def _check_pools(self) -> None:
+        """Two pools that give a block the same pooled side would train the same head twice.
+
+        A pooled head reads `adaptive_avg_pool2d(map, min(pool, side))` (trials/pooled.py `pooled_side`,
+        trials/heads.py), where side is the block's resolution capped at store.max_spatial (what
+        `diffsweep blocks --max-spatial` shows). Every pool at or above the side therefore gives the
+        map itself: one such pool is fine (it is the identity), two are duplicate trials. Every
+        dataset is resized to the architecture's image size, so the sides, and this check, hold for all
+        datasets alike. The suggested fix keeps the pools below the space's smallest side and the smallest
+        pool at or above it: with at most one entry at or above the smallest side, there is at most one
+        at or above any larger side, so the fix passes this check for every block."""
+        from trials.blocks import block_table
+        if not any(REGISTRY[h].pooled for h in self.space.head):
+            return  # no head reads `pool`: Optuna never suggests it
+        table = {r.number: r for r in block_table(self.checkpoint.arch)}
+        sides = {b: min(table[b].resolution, self.store.max_spatial) for b in self.space.block}
+        datasets = ", ".join(d.name for d in self.datasets)
+        # the block with the smallest side collapses the most pools: if it collapses none, no block does
+        b = min(sides, key=lambda b: (sides[b], b))
+        side = sides[b]
+        at_or_above = sorted(p for p in self.space.pool if p >= side)
+        if len(at_or_above) < 2:
+            return
+        keep = sorted({p for p in self.space.pool if p < side} | {at_or_above[0]})
+        arch = self.checkpoint.arch if isinstance(self.checkpoint.arch, str) else "checkpoint.arch"
+        raise ConfigError(
+            f"space.pool: pools {', '.join(map(str, at_or_above))} are all at or above block {b}'s side "
+            f"({side}x{side} as a head sees it: {arch}, store.max_spatial {self.store.max_spatial}), so each "
+            f"leaves it {side}x{side} and {'dataset' if len(self.datasets) == 1 else 'datasets'} {datasets} would "
+            f"run the same trial once per pool; keep one pool >= {side} (e.g. pool: "
+            f"[{', '.join(map(str, keep))}]; the sides: `diffsweep blocks --max-spatial`)")
 
 
 def _loc(loc: tuple) -> str:

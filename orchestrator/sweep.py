@@ -29,18 +29,23 @@ def sweep_dir(cfg: SweepConfig) -> Path:
     return Path(absolute(cfg.storage_path)) / cfg.name
 
 
-def backbone_spec(cfg: SweepConfig) -> BackboneSpec:
+def model_spec(cfg: SweepConfig, arch: str | dict, path: Path | None, what: str) -> BackboneSpec:
+    """A U-Net's identity in every feature key: its architecture and weights file (by content), or, with
+    no file, the same U-Net with random weights seeded by the sweep. `what` names the setting in errors."""
     from trials.ddpm import sha256_file
 
-    arch = cfg.checkpoint.arch
     arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
-    path = cfg.checkpoint_path()
     if path is None:
         return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
     if not path.is_file():
-        raise ConfigError(f"checkpoint.path: {path} not found; pass the path of a .pt or .safetensors file "
+        raise ConfigError(f"{what}: {path} not found; pass the path of a .pt or .safetensors file "
                           "(or leave it empty for the shipped model)")
     return BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule, cfg.checkpoint.class_label)
+
+
+def backbone_spec(cfg: SweepConfig) -> BackboneSpec:
+    """The sweep's own U-Net."""
+    return model_spec(cfg, cfg.checkpoint.arch, cfg.checkpoint_path(), "checkpoint.path")
 
 
 def dataset_specs(cfg: SweepConfig) -> dict[str, DatasetSpec]:

@@ -22,6 +22,7 @@ from ray.tune import Callback
 
 log = logging.getLogger("diffsweep")
 STATUS_TAG = "diffsweep.status"
+CHECKPOINT_TAG = "diffsweep.checkpoint_epoch"
 
 
 class TrackingError(RuntimeError):
@@ -81,6 +82,7 @@ class MlflowTrialCallback(Callback):
         self.uri, self.experiment_id, self.parent_run_id, self.max_t = uri, experiment_id, parent_run_id, max_t
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.last: dict[str, dict] = {}
+        self.logged_epoch: dict[str, int] = {}  # the highest epoch whose metrics reached MLflow
         self.where: dict[str, dict] = {}
         self.backlog: list[tuple[str, tuple, dict]] = []
         self.lost_calls = 0
@@ -143,13 +145,25 @@ class MlflowTrialCallback(Callback):
             self.lost_calls += 1
             return
         step = int(result.get("epoch", 0))
+        # A trial killed after reporting an epoch but before Tune registered that epoch's checkpoint
+        # (a separate save round trip) restarts from the previous checkpoint and runs the epoch again,
+        # with the same seed: its curve keeps the first value of each epoch.
+        fresh = step > self.logged_epoch.get(trial.trial_id, 0)
         metrics = [Metric(k, float(result[k]), int(result.get("timestamp", 0)) * 1000, step)
-                   for k in ("val_acc", "train_loss") if k in result]
+                   for k in ("val_acc", "train_loss") if k in result and fresh]
+        self.logged_epoch[trial.trial_id] = max(step, self.logged_epoch.get(trial.trial_id, 0))
         # where the trial runs now (it changes when a failed trial is restarted elsewhere)
         where = {f"diffsweep.{k}": str(result[k]) for k in ("hostname", "node_id", "pid") if k in result}
         tags = [RunTag(k, v) for k, v in where.items()] if where != self.where.get(trial.trial_id) else []
         self.where[trial.trial_id] = where
         self._call("log_batch", run_id, metrics=metrics, tags=tags)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """Tag the epoch a restart of this trial resumes from (registered after its result)."""
+        run_id = self._run_for(trial)
+        if run_id is not None and trial.last_result:
+            epoch = str(trial.last_result.get("epoch", 0))
+            self._call("log_batch", run_id, tags=[RunTag(CHECKPOINT_TAG, epoch)])
 
     def _finish(self, trial, errored: bool) -> None:
         run_id = self._run_for(trial)
@@ -170,7 +184,8 @@ class MlflowTrialCallback(Callback):
             self._artifacts = tempfile.mkdtemp(prefix="diffsweep-artifacts-")
         folder = os.path.join(self._artifacts, trial.trial_id)
         os.makedirs(folder, exist_ok=True)
-        weights_heatmap(map_weights, Path(folder) / "mixing_weights.png", title=f"{trial.config.get('dataset')}: mixing weights (%)")
+        title = f"{trial.config.get('dataset')}: mixing weights (%)"
+        weights_heatmap(map_weights, Path(folder) / "mixing_weights.png", title=title)
         with open(os.path.join(folder, "mixing_weights.json"), "w") as f:
             json.dump(map_weights, f)
         self._call("log_artifacts", run_id, folder, artifact_path="heatmaps")

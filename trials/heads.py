@@ -137,8 +137,8 @@ class FusionHead(AttentionHead):
 class MixingHead(nn.Module):
     """Diffusion Hyperfeatures' aggregation: every (t, block) map through its block's bottleneck
     (1×1 conv to width `dim` + GroupNorm with one group + GELU, shared across t, as the block's
-    channels mean the same thing at every t), resized to `side`×`side`, summed with one learned softmax-normalised
-    weight per (t, block), then global average pool -> Linear.
+    channels mean the same thing at every t), resized to `side`×`side`, summed with one learned
+    softmax-normalised weight per (t, block), then global average pool -> Linear.
 
     `maps` is each input's (t, block); without it every input has its own bottleneck."""
 
