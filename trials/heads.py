@@ -146,7 +146,8 @@ class MixingHead(nn.Module):
                  maps: Sequence[Sequence[int]] | None = None, dim: int = 64, side: int = 8, dropout: float = 0.0):
         super().__init__()
         chans = [channels] if isinstance(channels, int) else list(channels)
-        self.maps = [tuple(int(v) for v in m) for m in maps] if maps is not None else [(0, i) for i in range(len(chans))]
+        labels = maps if maps is not None else [(0, i) for i in range(len(chans))]
+        self.maps = [tuple(int(v) for v in m) for m in labels]
         if len(self.maps) != len(chans):
             raise ValueError(f"{len(chans)} input maps but {len(self.maps)} (t, block) labels")
         self.blocks = [b for _, b in self.maps]
