@@ -152,7 +152,8 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
             config = row_config(row)
             maps = trial_maps(config)
             # the test split, once, for the winner
-            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator, draws=trial_draws(config))
+            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator,
+                              draws=trial_draws(config))
             trainer, config = restore_trainer(setup, row, test)
             test_acc = trainer.accuracy(test)
             run_id = callback.runs.get(row["trial_id"])

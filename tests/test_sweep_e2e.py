@@ -155,6 +155,7 @@ def test_mixing_head_and_noise_ensembles_sweep_logs_its_weight_heatmaps(ray_loca
     for child in children:
         assert [a.path for a in client.list_artifacts(child.info.run_id, "heatmaps")] == \
             ["heatmaps/mixing_weights.json", "heatmaps/mixing_weights.png"]
-    assert "heatmaps/digits_mixing_weights.png" in [a.path for a in client.list_artifacts(parent.info.run_id, "heatmaps")]
+    parent_heatmaps = [a.path for a in client.list_artifacts(parent.info.run_id, "heatmaps")]
+    assert "heatmaps/digits_mixing_weights.png" in parent_heatmaps
     assert -1 <= parent.data.metrics["digits.mixing_rank_corr"] <= 1
     assert (tmp_path / "exported" / "digits_mixing_weights.png").is_file()

@@ -94,7 +94,8 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
         coordinator = get_coordinator(setup.sweep, setup.extract_options)
     out = []
     for t, block in maps:
-        request = setup.request(dataset, split, t, tuple(sorted(set(setup.space_blocks.get(t, ())) | {block})), draws)
+        blocks = tuple(sorted(set(setup.space_blocks.get(t, ())) | {block}))
+        request = setup.request(dataset, split, t, blocks, draws)
         key = request.key(t, block)
         try:
             array = store.read(key, verify=True)
