@@ -139,7 +139,7 @@ def test_missing_feature_inside_gpu_trials_does_not_deadlock(ray_local, tmp_path
     FeatureStore(str(tmp_path)).delete(key(4))  # deleted behind the sweep's back
     assert ray.cluster_resources().get("GPU") == 2  # tests/conftest.py's logical GPUs
     trials = [_trial_that_holds_a_gpu.options(num_gpus=1).remote(c, request((4,)), options) for _ in range(2)]
-    assert ray.get(trials, timeout=120) == ["done", "done"]
+    assert ray.get(trials, timeout=300) == ["done", "done"]
     assert ray.get(c.launch_counts.remote()) == {request((4,)).group: 1}  # computed once
     assert len(FeatureStore(str(tmp_path)).read(key(4))) == 400
 

@@ -33,7 +33,7 @@ def results(storage: Path, name: str) -> dict[str, list[dict]]:
     return out
 
 
-def wait_for(predicate, timeout=400, every=0.5):
+def wait_for(predicate, timeout=600, every=0.5):
     start = time.time()
     while time.time() - start < timeout:
         value = predicate()
@@ -70,7 +70,7 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path):
     before = results(tmp_path / "ray", "drv")
     finished = {t: v for t, v in before.items() if len(v) >= 3}
     resumed = start(["resume", "drv", "--storage-path", str(tmp_path / "ray")], tmp_path)
-    assert resumed.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "drv")
     assert len(after) == 4  # no trial lost
     for trial_id, lines in finished.items():  # no finished trial ran again
@@ -109,7 +109,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
 
     victim, killed, saved = wait_for(early_trial, every=0.2)
     os.kill(victim, signal.SIGKILL)
-    assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
     assert len(after) == 2 and killed in after
     # the trial is named by MLflow, not by the pids in Tune's result.json: that file may lose the lines

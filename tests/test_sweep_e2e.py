@@ -14,7 +14,8 @@ from orchestrator.cli import main
 from tests.conftest import fashion_mnist_available
 from tests.spaces import tiny_space
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module under xdist, so its module-scoped sweep is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep_e2e")]
 
 
 @pytest.fixture(scope="module")
