@@ -21,7 +21,6 @@ import base64
 import binascii
 import contextlib
 import io
-import logging
 import os
 import tempfile
 import warnings
@@ -32,8 +31,6 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-
-log = logging.getLogger("diffsweep")
 
 SPLIT_CONTEXT = {"train": "train", "val": "validation", "test": "test"}
 REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "safetensors", "pyyaml", "scikit-learn", "mlflow")
@@ -84,7 +81,7 @@ class DiffsweepModel(mlflow.pyfunc.PythonModel):
             config = Path(tmp) / "model.yaml"
             config.write_text(yaml.safe_dump(doc, sort_keys=False))
             config.with_suffix(".safetensors").symlink_to(Path(art["head"]).resolve())
-            self.clf = diffsweep.load(config, device="cuda" if _cuda() else "cpu")  # read fully now
+            self.clf = diffsweep.load(config, device=_device())  # read fully now
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         """One dict per image: label, index, prob, error (None unless the image could not be read).
@@ -108,9 +105,10 @@ class DiffsweepModel(mlflow.pyfunc.PythonModel):
         return rows
 
 
-def _cuda() -> bool:
+def _device() -> str:
+    """DIFFSWEEP_DEVICE if set (e.g. `cpu`, `cuda:1`), else the first GPU if there is one, else the CPU."""
     import torch
-    return torch.cuda.is_available()
+    return os.environ.get("DIFFSWEEP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def signature():
@@ -203,9 +201,9 @@ def log_dataset_inputs(client, run_id: str, dataset: str, splits: dict[str, list
             with contextlib.suppress(Exception):  # a root MLflow has no source type for: no source
                 from mlflow.data.dataset_source_registry import resolve_dataset_source
                 source = resolve_dataset_source(str(root))
-        with warnings.catch_warnings():  # MLflow's hint that integer columns cannot hold missing values
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # MLflow's hints (integer columns, pandas deprecations) are not ours
+            warnings.simplefilter("ignore")
             ds = mlflow.data.from_pandas(df, source=source, targets="label", name=f"{dataset}-{split}")
-        inputs.append(DatasetInput(ds._to_mlflow_entity(),
-                                   tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXT.get(split, split))]))
+            entity = ds._to_mlflow_entity()  # the schema is inferred here
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXT.get(split, split))]))
     client.log_inputs(run_id, datasets=inputs)

@@ -59,9 +59,7 @@ def serve_command(tracking_uri: str, model_uri: str) -> str:
     PATH, so when mlflow is not on PATH the command puts its folder first."""
     import shlex
 
-    from orchestrator.hints import mlflow_command
-
-    from orchestrator.hints import _short
+    from orchestrator.hints import _short, mlflow_command
 
     env = f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
     mlflow = mlflow_command()

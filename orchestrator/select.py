@@ -96,10 +96,10 @@ def restore_trainer(setup, row: pd.Series, arrays):
 def select_and_export(cfg, setup, grid, parent, callback, register_model: str | None = None) -> Any:
     from orchestrator.export import export_selection
     from orchestrator.mlflow_model import log_winner, registered_name
-    from trials.features import dataset_splits
     from orchestrator.plots import accuracy_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
+    from trials.features import dataset_splits
     from trials.trainable import load_split, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)

@@ -27,7 +27,7 @@ from orchestrator.report import serve_command
 from tests.conftest import ROOT
 from tests.spaces import tiny_space
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_model")]  # one shared sweep per worker
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,9 @@ def test_parent_run_has_the_winner_as_a_pyfunc_model(sweep):
     assert models[0].params == {"t": str(winner["t"]), "block": str(winner["block"]),
                                 "pool": str(winner["pool"]), "head": winner["head"]}
     assert {m.key for m in models[0].metrics} == {"digits.val_acc", "digits.test_acc"}
+    # the run's "Logged models" column
+    outputs = client.get_run(parent.info.run_id).outputs
+    assert [o.model_id for o in outputs.model_outputs] == [models[0].model_id]
     uri_ = f"runs:/{parent.info.run_id}/digits"
     with _tracking(uri):  # runs:/<parent>/digits resolves to the logged model
         files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=uri_)}
