@@ -36,10 +36,12 @@ def load(path: str | Path, device: str = "cpu", match_dataset: bool = True) -> "
 
 
 def run(config: "str | Path | dict[str, Any] | SweepConfig", *, address: str | None = None,
-        overwrite: bool = False, **overrides: Any) -> "SweepOutcome":
+        overwrite: bool = False, register_model: str | None = None, **overrides: Any) -> "SweepOutcome":
     """Run a sweep from a YAML path, a dict with the YAML's content, or a `SweepConfig`; returns its
     outcome: `.selected` ({dataset: head, t, block, pool, val_acc, test_acc, yaml, weights}),
-    `.results` (one row per trial), `.parent_run_id`, `.export_dir`.
+    `.results` (one row per trial), `.parent_run_id`, `.export_dir`. Each winner is also an MLflow
+    model, `selected[dataset]["model_uri"]` (`runs:/<parent_run_id>/<dataset>`); `register_model`
+    registers it as that name (one dataset) or `<name>-<dataset>`.
 
     Keyword overrides use the YAML's dotted keys with `__` for the dot, e.g.
     `run("space.yaml", search__num_samples=4, tracking__uri="sqlite:///x.db")`."""
@@ -57,7 +59,7 @@ def run(config: "str | Path | dict[str, Any] | SweepConfig", *, address: str | N
         cfg = load_config(config, dotted)
     from orchestrator.rerun import check_new_sweep
     check_new_sweep(cfg, overwrite=overwrite, how="pass overwrite=True")
-    return run_sweep(cfg, address=address)
+    return run_sweep(cfg, address=address, register_model=register_model)
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ def cmd_run(args) -> int:
     from orchestrator.report import print_summary
     from orchestrator.sweep import run_sweep
 
-    outcome = run_sweep(cfg, address=args.address)
+    outcome = run_sweep(cfg, address=args.address, register_model=args.register_model)
     return print_summary(cfg, outcome)
 
 
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_flags(s)
     s.add_argument("--overwrite", action="store_true",
                    help="replace an earlier sweep of the same name (its Tune state; MLflow runs are kept)")
+    s.add_argument("--register-model", metavar="NAME",
+                   help="also register each winner's MLflow model: as NAME (one dataset) or NAME-<dataset>")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="what a sweep will cost (images, passes, bytes, trials, time, RAM) before it runs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -48,7 +49,24 @@ def print_summary(cfg, outcome) -> int:
     print(f"inspect:  {ui}   (experiment '{cfg.experiment}', parent run {outcome.parent_run_id})")
     for dataset, s in outcome.selected.items():
         print(f"try:      {diffsweep_command()} evaluate --config {s['yaml']} --split test")
+        if s.get("model_uri"):
+            print(f"serve:    {serve_command(uri, s['model_uri'])}")
     return 1 if missing else 0
+
+
+def serve_command(tracking_uri: str, model_uri: str) -> str:
+    """`mlflow models serve` for a winner, as it works when pasted: the server starts `uvicorn` from
+    PATH, so when mlflow is not on PATH the command puts its folder first."""
+    import shlex
+
+    from orchestrator.hints import _short, mlflow_command
+
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
+    mlflow = mlflow_command()
+    if mlflow != "mlflow":  # .venv/bin/mlflow or python -m mlflow: the interpreter's bin folder first
+        env = f"PATH={shlex.quote(_short(Path(sys.executable).parent))}:$PATH {env}"
+    return (f"{env}{mlflow} models serve -m {model_uri} --env-manager local --host 127.0.0.1 --port 5001 "
+            "--workers 1")
 
 
 def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:

@@ -118,11 +118,13 @@ def restore_trainer(setup, row: pd.Series, arrays):
     return trainer, config
 
 
-def select_and_export(cfg, setup, grid, parent, callback) -> Any:
+def select_and_export(cfg, setup, grid, parent, callback, register_model: str | None = None) -> Any:
     from orchestrator.export import export_selection
+    from orchestrator.mlflow_model import log_winner, registered_name
     from orchestrator.plots import accuracy_heatmap, weights_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
+    from trials.features import dataset_splits
     from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)
@@ -131,6 +133,7 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
     out_dir.mkdir(parents=True, exist_ok=True)
     coordinator = get_coordinator(cfg.name, setup.extract_options)
     selected: dict[str, dict] = {}
+    model_failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         table_path = Path(tmp) / "results.parquet"
         table.to_parquet(table_path, index=False)
@@ -165,8 +168,21 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
             parent.client.log_metric(parent.run_id, f"{dataset}.test_acc", test_acc)
             parent.client.set_tag(parent.run_id, f"diffsweep.winner.{dataset}",
                                   json.dumps({k: config.get(k) for k in ("head", "t", "block", "pool")}))
+            # the winner as an MLflow model under the parent run: runs:/<parent_run_id>/<dataset>
+            model_uri = None
+            try:
+                example = dataset_splits(setup.datasets[dataset])[1]["test"][0].source
+                name = registered_name(register_model, dataset, list(setup.datasets))
+                log_winner(cfg.tracking.uri, parent.run_id, dataset, files[0], files[1],
+                           setup.backbone.checkpoint, example, registered_name=name)
+                model_uri = f"runs:/{parent.run_id}/{dataset}"
+            except Exception as e:  # noqa: BLE001 - the export is on disk; the sweep's result stands
+                model_failures += 1
+                print(f"warning: {dataset}: the MLflow model could not be logged ({str(e).splitlines()[0][:200]})",
+                      flush=True)
             selected[dataset] = {**{k: config.get(k) for k in ("head", "t", "block", "pool")},
                                  "val_acc": float(row["val_acc"]), "test_acc": test_acc,
-                                 "yaml": str(files[0]), "weights": str(files[1])}
+                                 "yaml": str(files[0]), "weights": str(files[1]), "model_uri": model_uri}
     table.to_parquet(out_dir / "results.parquet", index=False)
-    return SweepOutcome(table, selected, parent.run_id, out_dir, len(callback.backlog) + callback.lost_calls)
+    return SweepOutcome(table, selected, parent.run_id, out_dir,
+                        len(callback.backlog) + callback.lost_calls + model_failures)

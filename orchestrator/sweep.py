@@ -181,7 +181,9 @@ class SweepOutcome:
 
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False,
-              tracking_fallback: bool = False) -> SweepOutcome:
+              tracking_fallback: bool = False, register_model: str | None = None) -> SweepOutcome:
+    """`register_model`: also register each winner's MLflow model under this name (NAME for one
+    dataset, NAME-<dataset> for several)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -214,6 +216,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
                            "num_samples": cfg.search.num_samples, "checkpoint": setup.backbone.checkpoint,
                            "checkpoint_sha256": setup.backbone.sha256, "arch": str(cfg.checkpoint.arch),
                            "datasets": ",".join(setup.datasets), "seed": cfg.seed})
+        parent.log_dataset_inputs(setup.datasets)
     sdir.mkdir(parents=True, exist_ok=True)
     state = {"parent_run_id": parent.run_id, "config": cfg.model_dump(mode="json")}
     state_path.write_text(json.dumps(state, indent=1))
@@ -245,7 +248,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     print(f"sweep '{cfg.name}': up to {searcher.total_budget} trials over {len(setup.datasets)} dataset(s), "
           f"MLflow {cfg.tracking.uri} (experiment '{cfg.experiment}')", flush=True)
     grid = tuner.fit()
-    outcome = select_and_export(cfg, setup, grid, parent, callback)
+    outcome = select_and_export(cfg, setup, grid, parent, callback, register_model=register_model)
     print_trial_errors(outcome.results)
     parent.finish("FINISHED")
     del coordinator  # the sweep's features are all made: the actor may go

@@ -23,6 +23,8 @@ from ray.tune import Callback
 log = logging.getLogger("diffsweep")
 STATUS_TAG = "diffsweep.status"
 CHECKPOINT_TAG = "diffsweep.checkpoint_epoch"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow 3's UI to choose the experiment's view
+EXPERIMENT_KIND = "custom_model_development"   # its training-runs view (the other is "genai_development")
 
 
 class TrackingError(RuntimeError):
@@ -58,6 +60,8 @@ class SweepRun:
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # MLflow 3's UI opens an experiment without this tag in its GenAI view; ours holds training runs
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         if parent_run_id:
             self.run_id = parent_run_id
             self.client.update_run(parent_run_id, status="RUNNING")
@@ -68,6 +72,15 @@ class SweepRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_dataset_inputs(self, datasets: dict) -> None:
+        """Every split of every dataset as a dataset input of the parent run (the UI's "Datasets")."""
+        from orchestrator.mlflow_model import log_dataset_inputs
+        from trials.features import dataset_splits
+
+        for name, spec in datasets.items():
+            classes, splits = dataset_splits(spec)
+            log_dataset_inputs(self.client, self.run_id, name, splits, classes, spec.root)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
