@@ -182,9 +182,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from orchestrator.search import PerDatasetOptunaSearch
     from orchestrator.report import print_trial_errors
     from orchestrator.select import select_and_export
-    from orchestrator.tracking import MlflowTrialCallback, SweepRun, check_reachable
+    from orchestrator.tracking import MlflowTrialCallback, SweepRun, bound_http_calls, check_reachable, restoring_into
     from trials.trainable import train_trial
 
+    bound_http_calls()  # before this process's first MLflow call
     check_reachable(cfg.tracking.uri)
     check_writable(cfg)
     check_datasets(cfg)
@@ -231,8 +232,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
                                   search_alg=ConcurrencyLimiter(searcher, cfg.search.max_concurrent),
                                   num_samples=searcher.total_budget)
     if resume:
-        tuner = tune.Tuner.restore(str(sdir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=None)
+        with restoring_into(callback):  # the first run's pickled callback comes back as this one
+            tuner = tune.Tuner.restore(str(sdir), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=None)
     else:
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     print(f"sweep '{cfg.name}': up to {searcher.total_budget} trials over {len(setup.datasets)} dataset(s), "

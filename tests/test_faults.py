@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.spaces import tiny_space
@@ -82,7 +83,16 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert len(kids) == 4 and len({k.data.tags["diffsweep.trial_id"] for k in kids}) == 4  # no duplicate runs
     assert all(k.data.tags["diffsweep.status"] in ("completed", "pruned") for k in kids)
-    assert (tmp_path / "exported" / "digits.yaml").is_file()
+    # the export names the winner's own child run (the resumed driver's callback saw the events)
+    doc = yaml.safe_load((tmp_path / "exported" / "digits.yaml").read_text())
+    assert doc["mlflow"]["parent_run_id"] == parent[0].info.run_id
+    winner = next((k for k in kids if k.info.run_id == doc["mlflow"]["run_id"]), None)
+    assert winner is not None, doc["mlflow"]
+    assert winner.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert winner.data.tags["diffsweep.status"] == "completed"
+    assert {k: winner.data.params[k] for k in ("head", "t", "block")} == \
+        {"head": doc["head"]["type"], "t": str(doc["selection"]["t"]), "block": str(doc["selection"]["block"])}
+    assert "MLflow call(s) could not be delivered" not in (tmp_path / "driver.log").read_text()
 
 
 def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
