@@ -76,7 +76,8 @@ HTTP_MAX_RETRIES = 0
 
 
 def bound_http_calls() -> None:
-    """Bound every MLflow HTTP call of this process: one try of at most HTTP_TIMEOUT_S seconds.
+    """Bound every MLflow HTTP call of this process: one try, HTTP_TIMEOUT_S seconds to connect and
+    as many for the answer (requests applies the timeout to each).
 
     MLflow's defaults (a 120 s timeout, 7 retries with exponential backoff: about 4 minutes) let one
     call to a server that is down block Tune's controller, which runs the callback, for minutes. The
