@@ -26,4 +26,6 @@ quickstart: install fashion-mnist
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install fashion-mnist
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+# Four workers on any machine: most of the suite waits on Ray, MLflow and child processes, so four keep
+# two cores busy; loadgroup keeps each module that builds one shared sweep on one worker.
+	$(PY) -m pytest -q -n 4 --dist loadgroup; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi

@@ -48,7 +48,9 @@ def run(config: "str | Path | dict[str, Any] | SweepConfig", *, address: str | N
 
     dotted = {k.replace("__", "."): v for k, v in overrides.items()}
     if isinstance(config, SweepConfig):
-        cfg = parse_config(config.model_dump(mode="json"), "SweepConfig", dotted) if dotted else config
+        # parsed again even without overrides: a model built in Python skipped the checks that need the
+        # architecture (check_blocks), which parse_config runs
+        cfg = parse_config(config.model_dump(mode="json"), "SweepConfig", dotted)
     elif isinstance(config, dict):
         cfg = parse_config(config, "config dict", dotted)
     else:

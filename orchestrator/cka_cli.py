@@ -71,18 +71,15 @@ def _check_blocks(arch, blocks: list[int], flag: str) -> None:
 def against_spec(cfg: SweepConfig, against: str, arch: str | None) -> BackboneSpec:
     """The other model: a checkpoint file, or 'random' (the same U-Net untrained, seeded like a sweep's baseline)."""
     from orchestrator.config import ConfigError
-    from trials.ddpm import sha256_file
-    from trials.features import BackboneSpec
+    from orchestrator.sweep import model_spec
 
     arch = arch or cfg.checkpoint.arch
-    arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
     if against == "random":
-        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
+        return model_spec(cfg, arch, None, "--against")
     path = Path(against).expanduser()
     if not path.is_file():
         raise ConfigError(f"--against: {path} not found; pass a .pt or .safetensors file, or 'random'")
-    return BackboneSpec(arch_key, str(path.resolve()), sha256_file(path), cfg.checkpoint.schedule,
-                        cfg.checkpoint.class_label)
+    return model_spec(cfg, arch, path.resolve(), "--against")
 
 
 def _label(spec: BackboneSpec) -> str:

@@ -13,7 +13,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trials.constants import HEADS, NUM_TIMESTEPS
+from trials.constants import NUM_TIMESTEPS
+from trials.head_registry import HEADS, REGISTRY
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "trials" / "checkpoints" / \
     "adm-28-small-fashion_mnist.safetensors"
@@ -75,6 +76,9 @@ class Space(Strict):
     pool: list[int] = [1]
     head: dict[str, dict[str, Param]]
     fusion_maps: list[list[tuple[int, int]]] = []  # for head "fusion": sets of (t, block) maps
+    mixing_maps: list[list[tuple[int, int]]] = []  # for head "mixing"; none listed = every t × block above
+    # each feature is the mean over k seeded ε draws, k searched from this list (DIFT's ensemble)
+    noise_draws: list[int] = [1]
 
     @field_validator("t")
     @classmethod
@@ -93,6 +97,25 @@ class Space(Strict):
             raise ValueError("empty list; give at least one value")
         return v
 
+    @field_validator("noise_draws")
+    @classmethod
+    def _draws(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("empty list; give at least one ensemble size (1 = one ε draw)")
+        for i, k in enumerate(v):
+            if k < 1:
+                raise ValueError(f"[{i}] = {k}; an ensemble has at least one draw")
+        return v
+
+    @field_validator("t", "block", "pool", "noise_draws")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        # a repeated choice is a duplicate grid point (and doubles its weight for the sampler)
+        for i, x in enumerate(v):
+            if x in v[:i]:
+                raise ValueError(f"[{i}] = {x} is listed twice; remove the repeat")
+        return v
+
     @field_validator("head")
     @classmethod
     def _heads(cls, v: dict) -> dict:
@@ -104,10 +127,26 @@ class Space(Strict):
         return v
 
     @model_validator(mode="after")
-    def _fusion(self) -> "Space":
-        if "fusion" in self.head and not self.fusion_maps:
-            raise ValueError("head 'fusion' needs fusion_maps: a list of [[t, block], ...] sets")
+    def _map_sets(self) -> "Space":
+        for name in self.head:
+            spec = REGISTRY[name]
+            if spec.multi_map and not self.map_sets(name):
+                raise ValueError(f"head '{name}' needs {spec.maps_field}: a list of [[t, block], ...] sets")
         return self
+
+    def map_sets(self, head: str) -> list[list[tuple[int, int]]]:
+        """The (t, block) map sets a head that reads several maps chooses from ([] for the others)."""
+        spec = REGISTRY[head]
+        if not spec.multi_map:
+            return []
+        listed = [[(int(t), int(b)) for t, b in maps] for maps in getattr(self, spec.maps_field)]
+        if listed or not spec.all_maps_by_default:
+            return listed
+        return [[(t, b) for t in self.t for b in self.block]]  # every map the space captures, t-major
+
+    def listed_map_sets(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """Space field -> its map sets as written, for the heads that read several maps."""
+        return {s.maps_field: getattr(self, s.maps_field) for s in REGISTRY.values() if s.maps_field}
 
 
 class Asha(Strict):
@@ -183,7 +222,9 @@ class SweepConfig(Strict):
             if head not in self.space.head:
                 raise ValueError(f"search.warm_start[{i}].head: {head!r} is not a head of the space; use one "
                                  f"of {', '.join(self.space.head)}")
-            known = {"head", "t", "block", "pool", "fusion.maps", *(f"{head}.{p}" for p in self.space.head[head])}
+            sets = (f"{head}.set", f"{head}.maps") if REGISTRY[head].multi_map else ()
+            known = {"head", "t", "block", "pool", "noise_draws", *sets,
+                     *(f"{head}.{p}" for p in self.space.head[head])}
             for key in point:
                 if key not in known:
                     raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "
@@ -248,11 +289,45 @@ class SweepConfig(Strict):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "
                                   "see `diffsweep blocks --arch ...`")
-        for i, maps in enumerate(self.space.fusion_maps):
-            for t, b in maps:
-                if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
-                    raise ConfigError(f"space.fusion_maps[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
-                                      f"block in 1..{n}")
+        self._check_pools()
+        for field, sets in self.space.listed_map_sets().items():
+            for i, maps in enumerate(sets):
+                for t, b in maps:
+                    if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
+                        raise ConfigError(f"space.{field}[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
+                                          f"block in 1..{n}")
+
+    def _check_pools(self) -> None:
+        """Two pools that give a block the same pooled side would train the same head twice.
+
+        A pooled head reads `adaptive_avg_pool2d(map, min(pool, side))` (trials/pooled.py `pooled_side`,
+        trials/heads.py), where side is the block's resolution capped at store.max_spatial (what
+        `diffsweep blocks --max-spatial` shows). Every pool at or above the side therefore gives the
+        map itself: one such pool is fine (it is the identity), two are duplicate trials. Every
+        dataset is resized to the architecture's image size, so the sides, and this check, hold for all
+        datasets alike. The suggested fix keeps the pools below the space's smallest side and the smallest
+        pool at or above it: with at most one entry at or above the smallest side, there is at most one
+        at or above any larger side, so the fix passes this check for every block."""
+        from trials.blocks import block_table
+        if not any(REGISTRY[h].pooled for h in self.space.head):
+            return  # no head reads `pool`: Optuna never suggests it
+        table = {r.number: r for r in block_table(self.checkpoint.arch)}
+        sides = {b: min(table[b].resolution, self.store.max_spatial) for b in self.space.block}
+        datasets = ", ".join(d.name for d in self.datasets)
+        # the block with the smallest side collapses the most pools: if it collapses none, no block does
+        b = min(sides, key=lambda b: (sides[b], b))
+        side = sides[b]
+        at_or_above = sorted(p for p in self.space.pool if p >= side)
+        if len(at_or_above) < 2:
+            return
+        keep = sorted({p for p in self.space.pool if p < side} | {at_or_above[0]})
+        arch = self.checkpoint.arch if isinstance(self.checkpoint.arch, str) else "checkpoint.arch"
+        raise ConfigError(
+            f"space.pool: pools {', '.join(map(str, at_or_above))} are all at or above block {b}'s side "
+            f"({side}x{side} as a head sees it: {arch}, store.max_spatial {self.store.max_spatial}), so each "
+            f"leaves it {side}x{side} and {'dataset' if len(self.datasets) == 1 else 'datasets'} {datasets} would "
+            f"run the same trial once per pool; keep one pool >= {side} (e.g. pool: "
+            f"[{', '.join(map(str, keep))}]; the sides: `diffsweep blocks --max-spatial`)")
 
 
 def _loc(loc: tuple) -> str:

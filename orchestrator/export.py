@@ -45,7 +45,7 @@ def resolve_checkpoint_path(path: str) -> Path:
 def export_selection(cfg, setup, dataset: str, config: dict[str, Any], trainer, val_acc: float, test_acc: float,
                      out_dir: Path, parent_run_id: str, run_id: str | None, head_params: int) -> list[Path]:
     from trials.features import dataset_splits, preprocessing
-    from trials.trainable import head_hparams, trial_maps
+    from trials.trainable import head_hparams, trial_draws, trial_maps
 
     classes, splits = dataset_splits(setup.datasets[dataset])
     spec = setup.datasets[dataset]
@@ -60,6 +60,7 @@ def export_selection(cfg, setup, dataset: str, config: dict[str, Any], trainer, 
                        "arch": backbone.flags, "schedule": backbone.schedule,
                        "class_label": backbone.class_label},
         "features": {"maps": [list(m) for m in trial_maps(config)], "noise_seed": setup.noise_seed,
+                     "noise_draws": trial_draws(config),
                      "max_spatial": setup.max_spatial, "preprocessing": preprocessing(backbone.flags),
                      "shapes": [list(a.shape[1:]) for a in arrays]},
         "head": {"type": config["head"], "hparams": head_hparams(config), "params": head_params},

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, Range, SweepConfig
+from trials.head_registry import REGISTRY
 
 SPLITS_FILLED = ("train", "val")  # extracted before the trials; test only for each dataset's winner
 ROW_OVERHEAD = 8  # bytes per stored row besides the map: int32 label + int32 string offset
@@ -40,6 +41,11 @@ class KeyCost:
     images: int
     bytes: int
     stored: bool
+    draws: int = 1  # noise-ensemble size (space.noise_draws): its own key
+
+    @property
+    def label(self) -> str:
+        return f"t{self.t}/b{self.block}" + (f"/k{self.draws}" if self.draws != 1 else "")
 
 
 def stored_bytes(images: int, map_bytes: int, id_bytes: int, batch_size: int, parts: int) -> int:
@@ -54,8 +60,10 @@ def _part_sizes(images: int, parts: int) -> list[int]:
     return [min(per, images - i * per) for i in range(parts)] if images else [0]
 
 
-def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, int, int]], num_classes: int) -> int:
-    """Largest checkpoint one trial of `head` writes: weights + optimiser state (+ BN buffers), fp32."""
+def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, int, int]], num_classes: int,
+                           maps: list[tuple[int, int]] | None = None) -> int:
+    """Largest checkpoint one trial of `head` writes: weights + optimiser state (+ BN buffers), fp32.
+    `maps`: the (t, block) of each shape, for heads that are told them."""
     import torch
 
     from trials.heads import build_head_for_maps
@@ -68,8 +76,10 @@ def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, 
     best = 0
     for values in combos:
         kw, _ = split_hparams(dict(zip(listed, values)))
-        if head in ("linear", "mlp"):
+        if REGISTRY[head].pooled:
             kw["pool"] = max(cfg.space.pool)
+        if REGISTRY[head].takes_maps:
+            kw["maps"] = [list(m) for m in maps or ()]
         with torch.device("meta"):
             model = build_head_for_maps(head, shapes, num_classes, **kw)
         n = sum(p.numel() for p in model.parameters())
@@ -141,7 +151,7 @@ def sweep_plan(cfg: SweepConfig, setup=None, measure: int = 0, throughput: float
 
     setup = setup or trial_setup(cfg)
     store = FeatureStore(setup.store_root)
-    pooled_heads = [h for h in cfg.space.head if h in ("linear", "mlp")]
+    pooled_heads = [h for h in cfg.space.head if REGISTRY[h].pooled]
     datasets, keys, pooled_bytes, ckpt_bytes = {}, [], 0, 0
     peak_task, passes, test_passes = 0, 0, 0
     ts = sorted(setup.space_blocks)
@@ -152,8 +162,8 @@ def sweep_plan(cfg: SweepConfig, setup=None, measure: int = 0, throughput: float
                           "sizes": "published" if estimated else "files"}
         for split in ("train", "val", "test"):
             size = sizes[split]
-            for t in ts:
-                request = setup.request(name, split, t)
+            for t, k in itertools.product(ts, setup.space_draws):
+                request = setup.request(name, split, t, draws=k)
                 shapes = request.shapes()
                 parts = plan_parts(request, setup.fill, images=size.images)
                 peak_task = max(peak_task, extraction_memory_bytes(request, setup.fill.batch_size))
@@ -161,34 +171,37 @@ def sweep_plan(cfg: SweepConfig, setup=None, measure: int = 0, throughput: float
                     nbytes = stored_bytes(size.images, shape.bytes_per_image, size.id_bytes, setup.fill.batch_size,
                                           len(parts))
                     stored = not size.estimated and store.has(request.key(t, b))
-                    keys.append(KeyCost(name, split, t, b, size.images, nbytes, stored))
+                    keys.append(KeyCost(name, split, t, b, size.images, nbytes, stored, k))
                     if split in SPLITS_FILLED and pooled_heads and b in cfg.space.block:
                         sides = {pooled_side(p, shape.side) for p in cfg.space.pool}
                         pooled_bytes += sum(size.images * shape.channels * s * s * 4 for s in sides)
-            if split in SPLITS_FILLED:
-                passes += size.images
+            if split in SPLITS_FILLED:  # a k-draw feature costs k image passes
+                passes += size.images * sum(setup.space_draws)
             if split == "test":
-                test_passes += size.images  # the winner's t only
+                test_passes += size.images * max(setup.space_draws)  # the winner's t (and k) only
         shapes0 = setup.request(name, "train", ts[0]).shapes()
         for head in cfg.space.head:
-            if head == "fusion":  # the first map set stands for all (sets are usually alike in size)
+            first = cfg.space.map_sets(head)[:1]  # the first map set stands for all (sets are usually alike in size)
+            if first:
                 maps = []
-                for t, b in cfg.space.fusion_maps[0]:
+                for t, b in first[0]:
                     s = setup.request(name, "train", t).shapes()[b]
                     maps.append((s.channels, s.side, s.side))
             else:
                 widest = max(shapes0.values(), key=lambda s: s.channels * s.side ** 2)
                 maps = [(widest.channels, widest.side, widest.side)]
-            ckpt_bytes = max(ckpt_bytes, _head_checkpoint_bytes(cfg, head, maps, num_classes))
+            ckpt_bytes = max(ckpt_bytes, _head_checkpoint_bytes(cfg, head, maps, num_classes,
+                                                                 first[0] if first else None))
     trials = PerDatasetOptunaSearch(cfg).total_budget
     fill_bytes = sum(k.bytes for k in keys if k.split in SPLITS_FILLED)
-    test_bytes = sum(max((sum(k.bytes for k in keys if k.dataset == d and k.split == "test" and k.t == t)
-                          for t in ts), default=0) for d in setup.datasets)
+    test_bytes = sum(max((sum(k.bytes for k in keys if k.dataset == d and k.split == "test" and k.t == t
+                              and k.draws == draws) for t in ts for draws in setup.space_draws), default=0)
+                     for d in setup.datasets)
     missing = sum(k.bytes for k in keys if k.split in SPLITS_FILLED and not k.stored)
     per_map = {}
     for k in keys:
         if k.split in SPLITS_FILLED:
-            per_map[f"t{k.t}/b{k.block}"] = per_map.get(f"t{k.t}/b{k.block}", 0) + k.bytes
+            per_map[k.label] = per_map.get(k.label, 0) + k.bytes
     blocks = {}
     for b, s in setup.request(next(iter(setup.datasets)), "train", ts[0]).shapes().items():
         blocks[str(b)] = {"channels": s.channels, "native": s.native, "stored": s.side,

@@ -22,11 +22,31 @@ def _finish(fig, ax, im, title: str, path: Path) -> Path:
     return Path(path)
 
 
-def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc") -> Path:
-    """Best validation accuracy of any trial at each (t, block) cell; blank where nothing ran."""
+def accuracy_grid(rows: pd.DataFrame) -> pd.DataFrame:
+    """Best validation accuracy of any trial at each (t, block) cell (t rows, block columns)."""
     rows = rows.dropna(subset=["t", "block"])
     acc = rows.get("best_val_acc", rows["val_acc"]).astype(float)
-    grid = rows.assign(acc=acc).pivot_table(index="t", columns="block", values="acc", aggfunc="max")
+    return rows.assign(acc=acc).pivot_table(index="t", columns="block", values="acc", aggfunc="max")
+
+
+def weights_grid(map_weights: list) -> pd.DataFrame:
+    """A mixing head's [[t, block, weight], ...] as a t × block table."""
+    frame = pd.DataFrame(map_weights, columns=["t", "block", "weight"])
+    return frame.pivot_table(index="t", columns="block", values="weight", aggfunc="sum")
+
+
+def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc") -> Path:
+    """Best validation accuracy of any trial at each (t, block) cell; blank where nothing ran."""
+    return grid_heatmap(accuracy_grid(rows), path, title)
+
+
+def weights_heatmap(map_weights: list, path: Path, title: str = "mixing weights") -> Path:
+    """The learned softmax weight of each (t, block) map of a mixing head, in percent."""
+    return grid_heatmap(weights_grid(map_weights), path, title)
+
+
+def grid_heatmap(grid: pd.DataFrame, path: Path, title: str) -> Path:
+    """A t × block table as a heatmap, each cell written in percent; blank cells are NaN."""
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * max(len(grid.columns), 2), 1.0 + 0.5 * max(len(grid.index), 2)))
     with warnings.catch_warnings():  # a single row or column is a fine heatmap
         warnings.simplefilter("ignore", UserWarning)

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from orchestrator.config import Range, Space, SweepConfig
-from trials.heads import POOLED_HEADS
+from trials.head_registry import REGISTRY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -29,15 +29,19 @@ def suggest_config(trial: optuna.Trial, space: Space) -> dict[str, Any]:
     """Define-by-run: head first, then only the parameters that head uses."""
     head = trial.suggest_categorical("head", list(space.head))
     config: dict[str, Any] = {"head": head}
-    if head == "fusion":
-        index = trial.suggest_categorical("fusion.set", list(range(len(space.fusion_maps))))
-        maps = [list(m) for m in space.fusion_maps[index]]
-        config.update({"fusion.maps": maps, "t": maps[0][0], "block": maps[0][1]})
+    spec = REGISTRY[head]
+    if spec.multi_map:
+        sets = space.map_sets(head)
+        index = trial.suggest_categorical(f"{head}.set", list(range(len(sets))))
+        maps = [list(m) for m in sets[index]]
+        config.update({f"{head}.maps": maps, "t": maps[0][0], "block": maps[0][1]})
     else:
         config["t"] = trial.suggest_categorical("t", space.t)
         config["block"] = trial.suggest_categorical("block", space.block)
-        if head in POOLED_HEADS:
+        if spec.pooled:
             config["pool"] = trial.suggest_categorical("pool", space.pool)
+    if space.noise_draws != [1]:  # absent = 1 draw, so spaces without ensembles keep their configs
+        config["noise_draws"] = trial.suggest_categorical("noise_draws", space.noise_draws)
     for name, spec in space.head[head].items():
         key = f"{head}.{name}"
         if isinstance(spec, Range):
@@ -59,16 +63,47 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
                  for k, v in params.items() if isinstance(v, Range)}
         fixed = {k: (round(v) if params[k.split(".", 1)[1]].type == "int" else v) for k, v in fixed.items()}
         listed = {f"{head}.{k}": v for k, v in params.items() if not isinstance(v, Range)}
-        if head == "fusion":
-            base = [{"fusion.set": i} for i in range(len(space.fusion_maps))]
+        if REGISTRY[head].multi_map:
+            base = [{f"{head}.set": i} for i in range(len(space.map_sets(head)))]
         else:
-            pools = space.pool if head in POOLED_HEADS else [None]
+            pools = space.pool if REGISTRY[head].pooled else [None]
             base = [{"t": t, "block": b, **({"pool": p} if p is not None else {})}
                     for t, b, p in itertools.product(space.t, space.block, pools)]
-        for b in base:
+        draws = [{"noise_draws": k} for k in space.noise_draws] if space.noise_draws != [1] else [{}]
+        for b, k in itertools.product(base, draws):
             for values in itertools.product(*listed.values()):
-                points.append({"head": head, **b, **dict(zip(listed, values)), **fixed})
+                points.append({"head": head, **b, **k, **dict(zip(listed, values)), **fixed})
     return points
+
+
+# Two suggestions closer than this (per float parameter, as a fraction of its range's width, in log
+# space for log ranges) with every other parameter equal train the same head: TPE proposed lr
+# 0.0089498 after 0.0089491 at the same (t, block, pool). Such a twin is not run, and not counted.
+TWIN_TOLERANCE = 0.005
+MAX_RESAMPLES = 10
+
+
+def is_twin(params: dict[str, Any], other: dict[str, Any], distributions: dict[str, Any]) -> bool:
+    if params.keys() != other.keys():
+        return False
+    for name, value in params.items():
+        dist = distributions[name]
+        if isinstance(dist, optuna.distributions.FloatDistribution):
+            f = math.log if dist.log else float
+            if abs(f(value) - f(other[name])) > TWIN_TOLERANCE * (f(dist.high) - f(dist.low)):
+                return False
+        elif value != other[name]:
+            return False
+    return True
+
+
+def find_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of an earlier trial (running, pruned or complete) this one would repeat."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.PRUNED,
+                                                          TrialState.COMPLETE)):
+        if other.number != trial.number and is_twin(trial.params, other.params, trial.distributions):
+            return other.number
+    return None
 
 
 # The TPE sampler's options, chosen on digits (benchmarks/search_efficiency.py). `group` makes the
@@ -120,8 +155,15 @@ class PerDatasetOptunaSearch(Searcher):
         if not open_datasets:
             return Searcher.FINISHED
         dataset = min(open_datasets, key=lambda d: self.asked[d])  # round-robin: datasets share the cluster
-        trial = self.studies[dataset].ask()
-        config = suggest_config(trial, self.space)
+        study = self.studies[dataset]
+        for _ in range(MAX_RESAMPLES):  # then run the twin rather than stall the sweep
+            trial = study.ask()
+            config = suggest_config(trial, self.space)
+            twin = find_twin(study, trial)
+            if twin is None:
+                break
+            trial.set_user_attr("twin_of", twin)  # told FAIL: the sampler learns nothing from it
+            study.tell(trial, state=TrialState.FAIL)
         self.asked[dataset] += 1
         self.live[trial_id] = (dataset, trial.number)
         self._handles[trial_id] = trial

@@ -44,6 +44,7 @@ def results_table(grid, max_t: int) -> pd.DataFrame:
             "val_acc": metrics.get("val_acc"), "best_val_acc": best, "epochs": epoch,
             "status": trial_status(epoch, max_t, result.error is not None),
             "head_params": metrics.get("head_params"),
+            "map_weights": metrics.get("map_weights"),  # JSON [[t, block, weight], ...] from a mixing head
             "checkpoint": _checkpoint_uri(result.checkpoint),
             "error": error_line(result.error),
             "log": str(Path(result.path) / "error.txt") if result.error is not None and result.path else None,
@@ -77,6 +78,30 @@ def select_best(table: pd.DataFrame) -> dict[str, pd.Series]:
     return chosen
 
 
+def mixing_rank_correlation(rows: pd.DataFrame) -> tuple[pd.Series, float] | None:
+    """The best completed trial that learned (t, block) weights (mixing), and the Spearman rank
+    correlation of its weights with the best val_acc of the single-map trials at the same cells
+    (NaN when fewer than two cells have both). None when no such trial completed."""
+    from scipy.stats import spearmanr
+
+    from orchestrator.plots import accuracy_grid, weights_grid
+    from trials.head_registry import REGISTRY
+
+    done = rows[(rows.status == "completed") & rows["map_weights"].notna()]
+    if done.empty:
+        return None
+    best = done.sort_values("val_acc", ascending=False).iloc[0]
+    single = rows[[not REGISTRY[h].multi_map for h in rows["head"]]]
+    if single.empty:
+        return best, float("nan")
+    acc = accuracy_grid(single).stack()
+    weights = weights_grid(json.loads(best["map_weights"])).stack()
+    both = pd.concat([acc.rename("acc"), weights.rename("w")], axis=1).dropna()
+    if len(both) < 2 or both["acc"].nunique() < 2 or both["w"].nunique() < 2:
+        return best, float("nan")
+    return best, float(spearmanr(both["acc"], both["w"]).statistic)
+
+
 def restore_trainer(setup, row: pd.Series, arrays):
     from trials.features import dataset_splits
     from trials.train_head import HeadTrainer
@@ -95,10 +120,10 @@ def restore_trainer(setup, row: pd.Series, arrays):
 
 def select_and_export(cfg, setup, grid, parent, callback) -> Any:
     from orchestrator.export import export_selection
-    from orchestrator.plots import accuracy_heatmap
+    from orchestrator.plots import accuracy_heatmap, weights_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
-    from trials.trainable import load_split, trial_maps, trial_pool
+    from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)
     chosen = select_best(table)
@@ -114,11 +139,21 @@ def select_and_export(cfg, setup, grid, parent, callback) -> Any:
             png = accuracy_heatmap(rows, Path(tmp) / f"{dataset}_t_block_val_acc.png", title=f"{dataset}: best val_acc")
             parent.client.log_artifact(parent.run_id, str(png), artifact_path="heatmaps")
             (out_dir / png.name).write_bytes(png.read_bytes())
+            mixing = mixing_rank_correlation(rows)
+            if mixing is not None:  # beside the val_acc heatmap: what the best mixing head learned to read
+                best, rho = mixing
+                png = weights_heatmap(json.loads(best["map_weights"]), Path(tmp) / f"{dataset}_mixing_weights.png",
+                                      title=f"{dataset}: mixing weights (%), Spearman vs val_acc {rho:.2f}")
+                parent.client.log_artifact(parent.run_id, str(png), artifact_path="heatmaps")
+                (out_dir / png.name).write_bytes(png.read_bytes())
+                if np.isfinite(rho):
+                    parent.client.log_metric(parent.run_id, f"{dataset}.mixing_rank_corr", rho)
         for dataset, row in chosen.items():
             config = row_config(row)
             maps = trial_maps(config)
             # the test split, once, for the winner
-            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator)
+            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator,
+                              draws=trial_draws(config))
             trainer, config = restore_trainer(setup, row, test)
             test_acc = trainer.accuracy(test)
             run_id = callback.run_id_of(row["trial_id"])

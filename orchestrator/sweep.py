@@ -30,18 +30,23 @@ def sweep_dir(cfg: SweepConfig) -> Path:
     return Path(absolute(cfg.storage_path)) / cfg.name
 
 
-def backbone_spec(cfg: SweepConfig) -> BackboneSpec:
+def model_spec(cfg: SweepConfig, arch: str | dict, path: Path | None, what: str) -> BackboneSpec:
+    """A U-Net's identity in every feature key: its architecture and weights file (by content), or, with
+    no file, the same U-Net with random weights seeded by the sweep. `what` names the setting in errors."""
     from trials.ddpm import sha256_file
 
-    arch = cfg.checkpoint.arch
     arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
-    path = cfg.checkpoint_path()
     if path is None:
         return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
     if not path.is_file():
-        raise ConfigError(f"checkpoint.path: {path} not found; pass the path of a .pt or .safetensors file "
+        raise ConfigError(f"{what}: {path} not found; pass the path of a .pt or .safetensors file "
                           "(or leave it empty for the shipped model)")
     return BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule, cfg.checkpoint.class_label)
+
+
+def backbone_spec(cfg: SweepConfig) -> BackboneSpec:
+    """The sweep's own U-Net."""
+    return model_spec(cfg, cfg.checkpoint.arch, cfg.checkpoint_path(), "checkpoint.path")
 
 
 def dataset_specs(cfg: SweepConfig) -> dict[str, DatasetSpec]:
@@ -52,7 +57,7 @@ def dataset_specs(cfg: SweepConfig) -> dict[str, DatasetSpec]:
 def space_blocks(cfg: SweepConfig) -> dict[int, tuple[int, ...]]:
     """t -> every block the space may read at t, so one U-Net pass per t captures them all."""
     out: dict[int, set[int]] = {t: set(cfg.space.block) for t in cfg.space.t}
-    for maps in cfg.space.fusion_maps:
+    for maps in (m for sets in cfg.space.listed_map_sets().values() for m in sets):
         for t, b in maps:
             out.setdefault(int(t), set()).add(int(b))
     return {t: tuple(sorted(b)) for t, b in out.items()}
@@ -168,6 +173,7 @@ def trial_setup(cfg: SweepConfig):
         noise_seed=cfg.noise_seed, space_blocks=space_blocks(cfg),
         recipe=Recipe(cfg.training.recipe, cfg.epochs, cfg.training.batch_size), max_spatial=cfg.store.max_spatial,
         numeric=sweep_numeric(cfg), space_pools=space_pools(cfg), seed=cfg.seed,
+        space_draws=tuple(sorted(set(cfg.space.noise_draws))),
         extract_options={"num_cpus": max(cfg.resources.extract_cpu, 1), "num_gpus": cfg.resources.extract_gpu})
 
 
@@ -181,14 +187,15 @@ def sweep_coordinator(cfg: SweepConfig, setup):
 
 def fill_store(cfg: SweepConfig, setup, splits: tuple[str, ...] = ("train", "val"), progress: bool = True,
                coordinator=None) -> dict:
-    """Extract every (dataset, split, t) group the space needs, in parallel, each exactly once.
+    """Extract every (dataset, split, t, noise draws) group the space needs, in parallel, each exactly once.
 
     Every part task declares its memory to Ray, so a node runs only as many as fit."""
     import ray
     from tqdm import tqdm
 
     coordinator = coordinator or sweep_coordinator(cfg, setup)
-    requests = {(d, s, t): setup.request(d, s, t) for d in setup.datasets for s in splits for t in setup.space_blocks}
+    requests = {(d, s, t, k): setup.request(d, s, t, draws=k) for d in setup.datasets for s in splits
+                for t in setup.space_blocks for k in setup.space_draws}
     refs = {k: coordinator.fill.remote(r, setup.fill) for k, r in requests.items()}
     sizes = {k: len(r.samples()) for k, r in requests.items()}
     pending = {r: k for k, r in refs.items()}

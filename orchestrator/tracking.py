@@ -11,8 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlflow.entities import Metric, Param, RunTag
@@ -21,6 +23,7 @@ from ray.tune import Callback
 
 log = logging.getLogger("diffsweep")
 STATUS_TAG = "diffsweep.status"
+CHECKPOINT_TAG = "diffsweep.checkpoint_epoch"
 
 
 class TrackingError(RuntimeError):
@@ -103,10 +106,12 @@ class MlflowTrialCallback(Callback):
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.configs: dict[str, dict] = {}  # Tune trial id -> its config (to create its run later)
         self.last: dict[str, dict] = {}
+        self.logged_epoch: dict[str, int] = {}  # the highest epoch whose metrics were sent (or buffered)
         self.where: dict[str, dict] = {}
         self.backlog: dict[str, list[tuple[str, dict]]] = {}  # trial id -> calls not delivered yet, in order
         self.on_done = on_done
         self._client: MlflowClient | None = None
+        self._artifacts: str | None = None  # folder of files waiting to be (or already) logged
 
     def __reduce__(self):
         # Tune pickles this callback into tuner.pkl when the Tuner is made, and Tuner.restore (which
@@ -200,22 +205,49 @@ class MlflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
         step = int(result.get("epoch", 0))
-        # the result's own timestamp: a replayed metric is the same row, which MLflow stores once
+        # A trial killed after reporting an epoch but before Tune registered that epoch's checkpoint
+        # (a separate save round trip) restarts from the previous checkpoint and runs the epoch again,
+        # with the same seed: its curve keeps the first value of each epoch. The result's own
+        # timestamp: a replayed metric is the same row, which MLflow stores once.
+        fresh = step > self.logged_epoch.get(trial.trial_id, 0)
         metrics = [Metric(k, float(result[k]), int(result.get("timestamp", 0)) * 1000, step)
-                   for k in ("val_acc", "train_loss") if k in result]
+                   for k in ("val_acc", "train_loss") if k in result and fresh]
+        self.logged_epoch[trial.trial_id] = max(step, self.logged_epoch.get(trial.trial_id, 0))
         # where the trial runs now (it changes when a failed trial is restarted elsewhere)
         where = {f"diffsweep.{k}": str(result[k]) for k in ("hostname", "node_id", "pid") if k in result}
         tags = [RunTag(k, v) for k, v in where.items()] if where != self.where.get(trial.trial_id) else []
         self.where[trial.trial_id] = where
         self._send(trial, "log_batch", metrics=metrics, tags=tags)
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """Tag the epoch a restart of this trial resumes from (registered after its result)."""
+        if trial.last_result:
+            epoch = str(trial.last_result.get("epoch", 0))
+            self._send(trial, "log_batch", tags=[RunTag(CHECKPOINT_TAG, epoch)])
+
     def _finish(self, trial, errored: bool) -> None:
         last = self.last.get(trial.trial_id) or trial.last_result or {}
         status = trial_status(int(last.get("epoch", 0)), self.max_t, errored)
         self.backlog.setdefault(trial.trial_id, []).append(("log_batch", {"tags": [RunTag(STATUS_TAG, status)]}))
+        if last.get("map_weights"):
+            self._log_map_weights(trial, json.loads(last["map_weights"]))
         self._send(trial, "set_terminated", status="FAILED" if errored else "FINISHED")
         if self.on_done:
             self.on_done(status, {**trial.config, **{k: last.get(k) for k in ("val_acc", "epoch")}})
+
+    def _log_map_weights(self, trial, map_weights: list) -> None:
+        """A mixing head's learned (t, block) weights: a heatmap PNG and the table as JSON."""
+        from orchestrator.plots import weights_heatmap
+        if self._artifacts is None:  # kept until the process ends: a buffered call is replayed later
+            self._artifacts = tempfile.mkdtemp(prefix="diffsweep-artifacts-")
+        folder = os.path.join(self._artifacts, trial.trial_id)
+        os.makedirs(folder, exist_ok=True)
+        title = f"{trial.config.get('dataset')}: mixing weights (%)"
+        weights_heatmap(map_weights, Path(folder) / "mixing_weights.png", title=title)
+        with open(os.path.join(folder, "mixing_weights.json"), "w") as f:
+            json.dump(map_weights, f)
+        self.backlog.setdefault(trial.trial_id, []).append(
+            ("log_artifacts", {"local_dir": folder, "artifact_path": "heatmaps"}))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, errored=False)

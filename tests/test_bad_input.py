@@ -59,6 +59,11 @@ CASES = {
         limit={"val": 5})), "limit.val = 5 is below its 10 classes"),
     "conditional model without class_label": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
         checkpoint={"arch": "adm-64-cond", "random_weights": True})), "checkpoint.class_label"),
+    # block 8 of adm-28-small is 7x7: pools 8 and 16 both leave it 7x7, the same head twice (block 4, 14x14, does not)
+    "pools collapsing at a block's side": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(
+        pool=[1, 8, 16])), "space.pool: pools 8, 16 are all at or above block 8's side (7x7"),
+    "a repeated choice": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(pool=[2, 2])),
+                          "space.pool: [1] = 2 is listed twice"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }
@@ -96,3 +101,65 @@ def test_other_commands_refuse_bad_input(tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err, (args, err)
+
+
+def test_pools_are_refused_exactly_when_two_give_a_block_the_same_head(tmp_path):
+    """The rule against an independent count: a space is accepted iff its (block, side the head pools
+    to) pairs are as many as its (block, pool) pairs, i.e. no two pools train the same head on a block.
+    The side a head sees comes from `diffsweep blocks --json` (the table users read, not the check's
+    own arithmetic), and the side a head pools to from the head itself (`LinearHead.pool`)."""
+    import itertools
+    import json
+
+    from orchestrator.blocks_cli import blocks_command
+    from orchestrator.config import ConfigError, parse_config
+    from trials.heads import LinearHead
+
+    spec = yaml.safe_load(tiny_space(tmp_path).read_text())
+    checked = refused = 0
+    for max_spatial in (16, 4):
+        sees = {r["number"]: r["head_sees"] for r in json.loads(blocks_command("adm-28-small", True, max_spatial))}
+        for blocks in ([4], [8], [4, 8], [1, 8, 10]):
+            for pools in itertools.chain.from_iterable(itertools.combinations((1, 2, 4, 7, 8, 14, 16), k)
+                                                       for k in (1, 2, 3)):
+                spec["space"].update(block=blocks, pool=list(pools))
+                spec["store"]["max_spatial"] = max_spatial
+                heads = {(b, LinearHead(8, sees[b], 10, pool=p).pool) for b in blocks for p in pools}
+                try:
+                    parse_config(spec, "x")
+                    accepted = True
+                except ConfigError as e:
+                    accepted = False
+                    assert "space.pool: pools" in str(e) and "\n" not in str(e)
+                    refused += 1
+                assert accepted == (len(heads) == len(blocks) * len(pools)), (max_spatial, blocks, pools)
+                checked += 1
+    assert refused and refused < checked
+    # heads that are not pooled do not read `pool`: nothing to collapse
+    spec["space"].update(block=[8], pool=[8, 16], head={"cnn": {"width": [16]}})
+    spec["store"]["max_spatial"] = 16
+    assert parse_config(spec, "x").space.pool == [8, 16]
+
+
+def test_the_refusal_holds_for_a_sweep_config_built_in_python(tmp_path):
+    """`diffsweep.run(SweepConfig(...))` runs the same checks as the YAML path, before anything is written."""
+    import diffsweep
+    from orchestrator.config import ConfigError, SweepConfig
+
+    spec = yaml.safe_load(tiny_space(tmp_path).read_text())
+    spec["space"]["pool"] = [1, 8, 16]
+    cfg = SweepConfig.model_validate(spec)  # pydantic alone: no architecture checks
+    with pytest.raises(ConfigError, match="pools 8, 16 are all at or above block 8's side"):
+        diffsweep.run(cfg)
+    assert not any((tmp_path / d).exists() for d in ("ray", "features", "exported", "mlruns.db"))
+
+
+@pytest.mark.parametrize("field, values", [("t", [10, 200, 10]), ("block", [4, 4]), ("pool", [1, 2, 1])])
+def test_a_value_listed_twice_in_the_space_is_refused(field, values, tmp_path):
+    """A repeated choice is a duplicate grid point (and weighs twice for the sampler)."""
+    from orchestrator.config import ConfigError, parse_config
+
+    spec = yaml.safe_load(tiny_space(tmp_path).read_text())
+    spec["space"][field] = values
+    with pytest.raises(ConfigError, match=rf"space\.{field}: \[\d\] = \d+ is listed twice; remove the repeat"):
+        parse_config(spec, "x")

@@ -133,7 +133,7 @@ def test_multinode_sweep_spreads_trials_over_worker_nodes(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "-m", "tests.test_cluster_run", "multinode", str(tmp_path),
                                str(summary)], cwd=ROOT, env=_env(ray_tmp), capture_output=True, text=True,
-                              timeout=300)
+                              timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, f"multi-node sweep failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -240,7 +240,7 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path):
             [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
              "--", "python", "-m", "orchestrator", "run", str(space), "--address", "auto"],
-            env=env, capture_output=True, text=True, timeout=300)
+            env=env, capture_output=True, text=True, timeout=600)
     finally:
         _stop_head(head, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -139,7 +139,7 @@ def test_missing_feature_inside_gpu_trials_does_not_deadlock(ray_local, tmp_path
     FeatureStore(str(tmp_path)).delete(key(4))  # deleted behind the sweep's back
     assert ray.cluster_resources().get("GPU") == 2  # tests/conftest.py's logical GPUs
     trials = [_trial_that_holds_a_gpu.options(num_gpus=1).remote(c, request((4,)), options) for _ in range(2)]
-    assert ray.get(trials, timeout=120) == ["done", "done"]
+    assert ray.get(trials, timeout=300) == ["done", "done"]
     assert ray.get(c.launch_counts.remote()) == {request((4,)).group: 1}  # computed once
     assert len(FeatureStore(str(tmp_path)).read(key(4))) == 400
 
@@ -173,3 +173,36 @@ def test_numeric_path_is_part_of_the_key_and_a_worker_refuses_another_path(tmp_p
     with pytest.raises(RuntimeError, match="cuda-bf16"):
         fill_request(gpu, FillOptions(str(tmp_path)), device="cpu")
     assert not FeatureStore(str(tmp_path)).has(gpu.key(10, 4))
+
+
+def test_noise_ensemble_is_one_batched_pass_and_matches_the_predict_path(tmp_path):
+    """A k-draw feature: its own key, the mean over k seeded ε (draw 0 is the one-draw feature's ε),
+    the same numbers from the store fill and from `extract_batch` (predict / evaluate)."""
+    import torch
+
+    from trials.datasets.preprocess import iter_batches
+    from trials.diffusion import seeded_noise, seeded_noise_batch
+    from trials.features import extract_batch, load_backbone
+
+    ids = ["a", "b", "c"]
+    noise = seeded_noise_batch((1, 4, 4), 0, ids, (10, 200), draws=2)
+    assert noise.shape == (2, 6, 1, 4, 4)
+    assert torch.equal(noise[1, :3], seeded_noise_batch((1, 4, 4), 0, ids, (200,))[0])  # draw 0 = today's ε
+    assert torch.equal(noise[0, 1], seeded_noise((1, 4, 4), 0, ["b"], 10)[0])
+    assert not torch.equal(noise[0, 3:], noise[0, :3])  # draw 1 is new noise
+
+    two = FeatureRequest(BACKBONE, DIGITS, "train", (10,), (4,), noise_draws=2)
+    assert two.key(10, 4) != key(4) and two.group != request((4,)).group
+    fill_request(two, FillOptions(str(tmp_path), batch_size=64))
+    fill_request(request((4,)), FillOptions(str(tmp_path), batch_size=64))
+    store = FeatureStore(str(tmp_path))
+    k2 = store.read(two.key(10, 4)).take(np.arange(40)).astype(np.float32)
+    k1 = store.read(key(4)).take(np.arange(40)).astype(np.float32)
+    assert not np.allclose(k1, k2)
+    samples = two.samples()[:40]
+    x, batch = next(iter_batches(samples, 28, 1, 40))
+    model = load_backbone(BACKBONE)
+    direct = extract_batch(model, torch.from_numpy(x), [s.image_id for s in batch], 10, [4], 0, 16, draws=2)[4]
+    np.testing.assert_allclose(direct.astype(np.float32), k2, atol=2e-3)
+    one = extract_batch(model, torch.from_numpy(x), [s.image_id for s in batch], 10, [4], 0, 16)[4]
+    np.testing.assert_allclose(one.astype(np.float32), k1, atol=2e-3)

@@ -34,7 +34,7 @@ def results(storage: Path, name: str) -> dict[str, list[dict]]:
     return out
 
 
-def wait_for(predicate, timeout=400, every=0.5):
+def wait_for(predicate, timeout=600, every=0.5):
     start = time.time()
     while time.time() - start < timeout:
         value = predicate()
@@ -71,7 +71,7 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path):
     before = results(tmp_path / "ray", "drv")
     finished = {t: v for t, v in before.items() if len(v) >= 3}
     resumed = start(["resume", "drv", "--storage-path", str(tmp_path / "ray")], tmp_path)
-    assert resumed.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "drv")
     assert len(after) == 4  # no trial lost
     for trial_id, lines in finished.items():  # no finished trial ran again
@@ -104,24 +104,32 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
     driver = start(["run", str(space)], tmp_path)
 
     def early_trial():
-        """A trial that has logged epoch 1 or 2 of 4 to MLflow: (the process that logged it, its trial id)."""
+        """A trial whose epoch 1 or 2 of 4 is logged and checkpointed: (its process, trial id, epoch).
+
+        Tune registers a reported checkpoint in a second round trip after the result, so the kill waits
+        for the callback's checkpoint tag: a kill inside that window re-runs the epoch (same seed; its
+        curve keeps one value), which is Tune's contract, not the one checked here."""
         client, _, kids = children(tmp_path, "wrk")
         for k in kids:
             steps = [m.step for m in client.get_metric_history(k.info.run_id, "val_acc")]
-            if 1 <= len(steps) <= 2 and "diffsweep.pid" in k.data.tags:
-                return int(k.data.tags["diffsweep.pid"]), k.data.tags["diffsweep.trial_id"]
+            saved = int(k.data.tags.get("diffsweep.checkpoint_epoch", 0))
+            if 1 <= len(steps) <= 2 and saved == len(steps) and "diffsweep.pid" in k.data.tags:
+                return int(k.data.tags["diffsweep.pid"]), k.data.tags["diffsweep.trial_id"], saved
         return None
 
-    victim, killed = wait_for(early_trial, every=0.2)
+    victim, killed, saved = wait_for(early_trial, every=0.2)
     os.kill(victim, signal.SIGKILL)
-    assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
     assert len(after) == 2 and killed in after
     # the trial is named by MLflow, not by the pids in Tune's result.json: that file may lose the lines
     # the killed process wrote (seen here, loaded or not); MLflow's curve, checked below, may not
     lines = after[killed]
     epochs = [r["epoch"] for r in lines]
-    assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # no epoch run twice, ran to the end
+    # resumed after its checkpoint: no checkpointed epoch runs again (an epoch reported in the few ms
+    # between the poll and the kill may), and it ran to the end
+    assert all(epochs.count(e) == 1 for e in range(1, saved + 1)) and epochs == sorted(epochs)
+    assert epochs[-1] == 4 and set(epochs) == {1, 2, 3, 4}
     assert lines[-1]["pid"] != victim  # in a second process
     client, parent, kids = children(tmp_path, "wrk")
     assert len(kids) == 2 and all(k.data.tags["diffsweep.status"] == "completed" for k in kids)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trials.heads import HEADS, build_head, param_count
+from trials.head_registry import REGISTRY
+from trials.heads import HEADS, MixingHead, build_head, param_count
 from trials.store import FeatureArray
 from trials.train_head import HeadTrainer, Recipe
 
@@ -20,12 +21,14 @@ def separable(n=96, channels=8, side=4, classes=3, seed=0):
 
 
 SMALL = {"linear": {"pool": 2}, "mlp": {"pool": 2, "hidden": 32}, "cnn": {"width": 16, "depth": 1},
-         "attention": {"dim": 32, "heads": 4, "depth": 1}, "fusion": {"dim": 32, "heads": 4, "depth": 1}}
+         "attention": {"dim": 32, "heads": 4, "depth": 1}, "fusion": {"dim": 32, "heads": 4, "depth": 1},
+         "mixing": {"dim": 16, "side": 2, "maps": [[10, 4], [10, 8]]}}
 
 
 @pytest.mark.parametrize("head", HEADS)
 def test_each_head_fits_a_separable_problem(head):
-    arrays = [separable()] if head != "fusion" else [separable(), separable(channels=5, side=2, seed=0)]
+    multi = REGISTRY[head].multi_map
+    arrays = [separable(), separable(channels=5, side=2, seed=0)] if multi else [separable()]
     trainer = HeadTrainer(head, {**SMALL[head], "lr": 3e-3}, arrays, 3, Recipe("adamw", epochs=15, batch_size=32), 0)
     for _ in trainer.epochs(arrays):
         pass
@@ -43,6 +46,29 @@ def test_fusion_accepts_maps_of_different_shapes():
     head = build_head("fusion", [64, 32, 16], [7, 14, 4], 5, dim=32, heads=4, depth=1)
     out = head([torch.randn(2, 64, 7, 7), torch.randn(2, 32, 14, 14), torch.randn(2, 16, 4, 4)])
     assert out.shape == (2, 5)
+
+
+def test_mixing_head_shapes_and_softmax_weights():
+    maps = [[10, 4], [200, 4], [10, 8], [200, 8]]  # two blocks at two noise steps
+    head = build_head("mixing", [64, 64, 32, 32], [7, 7, 14, 14], 5, maps=maps, dim=16, side=4)
+    assert len(head.bottleneck) == 2  # one bottleneck per block, shared across t
+    x = [torch.randn(3, 64, 7, 7), torch.randn(3, 64, 7, 7), torch.randn(3, 32, 14, 14), torch.randn(3, 32, 14, 14)]
+    assert head.mixed(x).shape == (3, 16, 4, 4) and head(x).shape == (3, 5)
+    w = head.map_weights()
+    assert w.shape == (4,) and torch.allclose(w, torch.full((4,), 0.25))  # uniform at the start
+    with torch.no_grad():
+        head.mix.copy_(torch.tensor([3.0, -1.0, 0.5, 2.0]))
+    w = head.map_weights()
+    assert torch.isclose(w.sum(), torch.tensor(1.0)) and (w > 0).all() and int(w.argmax()) == 0
+    head(x).sum().backward()
+    assert head.mix.grad is not None and head.mix.grad.abs().sum() > 0  # the weights are learned
+
+
+def test_mixing_head_upsamples_small_maps_and_refuses_mismatched_labels():
+    head = MixingHead([8], [2], 3, maps=[[10, 4]], dim=8, side=6)
+    assert head.mixed(torch.randn(2, 8, 2, 2)).shape == (2, 8, 6, 6)  # one map, passed as a tensor
+    with pytest.raises(ValueError, match="channels"):
+        MixingHead([8, 4], [2, 2], 3, maps=[[10, 4], [200, 4]])  # one block, two widths
 
 
 def test_unknown_head_and_stray_hyperparameter_are_refused():
@@ -82,3 +108,14 @@ def test_label_smoothing_reaches_the_loss():
         assert trainer.accuracy(data) >= 0.95
     assert losses[eps] >= floor - 1e-3
     assert losses[0.0] < floor - 0.1
+
+
+def test_registry_names_each_heads_parameters_from_its_builder():
+    from trials.head_registry import REGISTRY
+    from trials.heads import head_hyperparameters
+    assert head_hyperparameters("linear") == ()
+    assert head_hyperparameters("mlp") == ("hidden", "depth", "dropout")
+    assert head_hyperparameters("fusion") == head_hyperparameters("attention") == ("dim", "heads", "depth", "dropout")
+    for spec in REGISTRY.values():
+        assert set(spec.lr) == {"paper", "adamw"}  # a default learning rate for every recipe
+        assert not spec.multi_map or spec.maps_field  # a head reading several maps says where its sets are

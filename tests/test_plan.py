@@ -83,3 +83,15 @@ def test_run_refuses_a_store_without_room_in_one_line(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "1.00 GiB free" in message and "5.00 GiB" in message
     check_space({**plan, "store_free_bytes": 6 * 2 ** 30})  # room enough: no error
+
+
+def test_noise_draws_are_costed_as_their_own_keys(tmp_path):
+    """Each ensemble size is its own set of keys, and a k-draw feature costs k image passes."""
+    from tests.spaces import tiny_space
+
+    one = sweep_plan(load_config(tiny_space(tmp_path)))
+    both = sweep_plan(load_config(tiny_space(tmp_path), {"space.noise_draws": [1, 2]}))
+    assert both["image_passes"] == 3 * one["image_passes"]
+    assert both["feature_bytes"]["fill"] == 2 * one["feature_bytes"]["fill"]
+    assert set(both["feature_bytes"]["per_map"]) == set(one["feature_bytes"]["per_map"]) | \
+        {f"{m}/k2" for m in one["feature_bytes"]["per_map"]}

@@ -60,3 +60,23 @@ def test_grid_with_warm_starts_still_covers_every_grid_point(tmp_path):
     grid = {json.dumps(g, sort_keys=True) for g in grid_points(cfg.space)}
     assert len(seen) == len(set(seen)) == len(grid) + 1  # every grid point once, plus the extra warm start
     assert grid <= set(seen) and json.dumps(warm[0], sort_keys=True) in seen
+
+
+def test_a_near_identical_suggestion_is_not_run(tmp_path):
+    """Two warm starts that differ only by lr 0.0089491 vs 0.0089498 (what TPE once proposed at the same
+    categorical point): the second is told FAIL as a twin of the first and not counted in the budget."""
+    point = {"head": "linear", "t": 200, "block": 8, "pool": 2}
+    warm = [{**point, "linear.lr": 0.0089491}, {**point, "linear.lr": 0.0089498}]
+    cfg = load_config(tiny_space(tmp_path, name="tw", datasets=[{"name": "digits"}], num_samples=3,
+                                 heads={"linear": {"lr": {"low": 0.0001, "high": 0.1, "log": True}}},
+                                 warm_start=warm))
+    s = PerDatasetOptunaSearch(cfg)
+    configs = [s.suggest(f"t{i}") for i in range(3)]
+    assert s.suggest("t3") == "FINISHED"  # 3 trials run: the twin did not use one of them
+    study = s.studies["digits"]
+    twins = [t for t in study.trials if "twin_of" in t.user_attrs]
+    assert [(t.number, t.state.name, t.user_attrs["twin_of"]) for t in twins] == [(1, "FAIL", 0)]
+    assert configs[0]["linear.lr"] == 0.0089491
+    lrs = [c["linear.lr"] for c in configs]
+    runs = [(c["t"], c["block"], c["pool"], c["linear.lr"]) for c in configs]
+    assert len(set(runs)) == 3 and 0.0089498 not in lrs

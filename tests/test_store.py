@@ -59,3 +59,14 @@ def test_damaged_file_is_detected(tmp_path, damage):
 def test_keys_are_content_addressed():
     assert key(3).digest != key(4).digest and key(3).digest == key(3).digest
     assert key(t=10).stem.startswith("digits/train/t10_b3_")
+
+
+def test_noise_draws_change_the_key_and_one_draw_keeps_the_old_one():
+    from dataclasses import replace
+    one = key()
+    # digests a store written before noise ensembles holds (computed with that version's FeatureKey)
+    assert one.digest == "a564d3af9b13733cc23b" and one.pooled(2).digest == "d1e6c36fd9b0dead3619"
+    assert one.stem == "digits/train/t10_b3_a564d3af9b13733cc23b"
+    four = replace(one, noise_draws=4)
+    assert four.digest != one.digest and four.pooled(2).digest != one.pooled(2).digest
+    assert four.stem.startswith("digits/train/t10_b3_k4_") and four.pooled(2).noise_draws == 4

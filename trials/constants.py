@@ -2,4 +2,3 @@
 refused before torch, Ray or MLflow load)."""
 
 NUM_TIMESTEPS = 1000
-HEADS = ("linear", "mlp", "cnn", "attention", "fusion")

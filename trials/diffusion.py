@@ -35,8 +35,11 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor, sched
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def noise_seed(seed: int, image_id: str | int, t: int) -> int:
-    digest = hashlib.blake2b(f"{seed}|{image_id}|{t}".encode(), digest_size=8).digest()
+def noise_seed(seed: int, image_id: str | int, t: int, draw: int = 0) -> int:
+    """The seed of one ε: draw 0 is the one every stored feature has always used; draws 1.. are the
+    extra members of a noise ensemble (`space.noise_draws`)."""
+    text = f"{seed}|{image_id}|{t}" + (f"|{draw}" if draw else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -50,26 +53,28 @@ def seeded_noise(shape: tuple[int, ...], seed: int, image_ids: list, t: int,
 
 
 def seeded_noise_batch(shape: tuple[int, ...], seed: int, image_ids: list, ts, out: torch.Tensor | None = None,
-                       pin_memory: bool = False, workers: int = 1) -> torch.Tensor:
-    """ε of a whole batch at every step of `ts` in one call: a (len(ts), N, *shape) float32 tensor.
+                       pin_memory: bool = False, workers: int = 1, draws: int = 1) -> torch.Tensor:
+    """ε of a whole batch at every step of `ts` in one call: a (len(ts), draws·N, *shape) float32
+    tensor, draw-major: row [k, j·N + i] is draw j of image i at ts[k] (so one forward covers them all).
 
-    Row [k, i] is the same ε `seeded_noise` gives image i at ts[k] (one CPU generator per
+    Row [k, i] (draw 0) is the same ε `seeded_noise` gives image i at ts[k] (one CPU generator per
     (seed, image id, t), drawn straight into its slice of one buffer, pinned on request so it reaches
     a GPU in one non-blocking copy). The values are those the store has always used, so no stored
     key changes. `out` reuses a buffer of that shape; `workers` threads draw disjoint rows (torch
     releases the GIL while it draws), which matters for large images.
     """
     ts = tuple(int(t) for t in ts)
-    full = (len(ts), len(image_ids), *shape)
+    n = len(image_ids)
+    full = (len(ts), draws * n, *shape)
     if out is None or tuple(out.shape) != full:
         out = torch.empty(full, pin_memory=pin_memory)
-    rows = [(k, i) for k in range(len(ts)) for i in range(len(image_ids))]
+    rows = [(k, j, i) for k in range(len(ts)) for j in range(draws) for i in range(n)]
 
-    def draw(chunk: list[tuple[int, int]]) -> None:
+    def draw(chunk: list[tuple[int, int, int]]) -> None:
         gen = torch.Generator()
-        for k, i in chunk:
-            gen.manual_seed(noise_seed(seed, image_ids[i], ts[k]))
-            torch.randn(shape, generator=gen, out=out[k, i])
+        for k, j, i in chunk:
+            gen.manual_seed(noise_seed(seed, image_ids[i], ts[k], j))
+            torch.randn(shape, generator=gen, out=out[k, j * n + i])
 
     if workers <= 1 or len(rows) < 2 * workers:
         draw(rows)

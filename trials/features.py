@@ -126,12 +126,14 @@ class FeatureRequest:
     noise_seed: int = 0
     max_spatial: int = 16
     numeric: str = "cpu-fp32"
+    noise_draws: int = 1  # each map is the mean over this many seeded ε draws (one batched pass)
 
     @property
     def group(self) -> str:
         """What one extraction covers (for exactly-once locking and progress)."""
         ts = ",".join(map(str, self.ts))
-        return f"{self.dataset.name}/{self.split}/t{ts}/{self.noise_seed}/{self.backbone.sha256}/{self.numeric}"
+        draws = f"/k{self.noise_draws}" if self.noise_draws != 1 else ""
+        return f"{self.dataset.name}/{self.split}/t{ts}/{self.noise_seed}/{self.backbone.sha256}/{self.numeric}{draws}"
 
     def samples(self) -> list[Sample]:
         return dataset_splits(self.dataset)[1][self.split]
@@ -144,7 +146,8 @@ class FeatureRequest:
             dataset=self.dataset.name, split=self.split,
             files_digest=_split_digest(self.dataset, self.split),
             preprocessing=json.dumps(preprocessing(flags), sort_keys=True), t=int(t), noise_seed=int(self.noise_seed),
-            block=int(block), max_spatial=int(self.max_spatial), class_label=label, numeric=self.numeric)
+            block=int(block), max_spatial=int(self.max_spatial), class_label=label, numeric=self.numeric,
+            noise_draws=int(self.noise_draws))
 
     def maps(self) -> list[tuple[int, int]]:
         return [(int(t), int(b)) for t in self.ts for b in self.blocks]
@@ -186,22 +189,36 @@ def _stored(store: FeatureStore, key: FeatureKey, verify: bool) -> bool:
 @torch.no_grad()
 def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: int, blocks: list[int],
                   noise_seed: int, max_spatial: int, schedule: str = "linear",
-                  y: torch.Tensor | str | None = None) -> dict[int, np.ndarray]:
+                  y: torch.Tensor | str | None = None, draws: int = 1) -> dict[int, np.ndarray]:
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
-    most max_spatial², and round to fp16 as stored."""
+    most max_spatial², and round to fp16 as stored; with `draws` > 1, the mean over that many ε."""
     device = next(model.parameters()).device
-    noise = seeded_noise_batch(tuple(x.shape[1:]), noise_seed, image_ids, (t,), pin_memory=device.type == "cuda")
+    noise = seeded_noise_batch(tuple(x.shape[1:]), noise_seed, image_ids, (t,), pin_memory=device.type == "cuda",
+                               draws=draws)
     capture = cached_capture(model, blocks, pool=max_spatial)  # the CUDA fast path when on a GPU
+    if torch.is_tensor(y) and draws > 1:
+        y = y.repeat(draws)
     maps = capture(noised_rows(to_device(x, device), to_device(noise, device), (t,), schedule), t, y=y)
-    return {b: m.numpy() for b, m in maps.items()}
+    return {b: mean_over_draws(m, draws).numpy() for b, m in maps.items()}
+
+
+def mean_over_draws(maps: torch.Tensor, draws: int) -> torch.Tensor:
+    """(draws·N, ...) fp16 maps, draw-major, -> their (N, ...) mean in fp16 (summed in fp32).
+    Each draw's map is already rounded to fp16, so the mean differs from an fp32 mean by at most
+    about one fp16 rounding."""
+    if draws == 1:
+        return maps
+    return maps.view(draws, maps.shape[0] // draws, *maps.shape[1:]).float().mean(0).to(maps.dtype)
 
 
 def noised_rows(x: torch.Tensor, noise: torch.Tensor, ts: tuple[int, ...], schedule: str = "linear") -> torch.Tensor:
-    """x_t of every image at every step of `ts`, t-major: rows [k·N, (k+1)·N) are step ts[k].
-    `noise` is (len(ts), N, ...) as `seeded_noise_batch` makes it."""
-    k, n = len(ts), x.shape[0]
-    t_rows = torch.tensor(ts, dtype=torch.long).repeat_interleave(n)
-    return q_sample(x.repeat(k, *([1] * (x.dim() - 1))), t_rows, noise.reshape(k * n, *x.shape[1:]), schedule)
+    """x_t of every image at every step of `ts`, t-major: rows [k·R, (k+1)·R) are step ts[k].
+    `noise` is (len(ts), R, ...) as `seeded_noise_batch` makes it, R = draws·N (draw-major), so
+    each image is repeated once per draw."""
+    k, rows = len(ts), noise.shape[1]
+    t_rows = torch.tensor(ts, dtype=torch.long).repeat_interleave(rows)
+    reps = k * (rows // x.shape[0])
+    return q_sample(x.repeat(reps, *([1] * (x.dim() - 1))), t_rows, noise.reshape(k * rows, *x.shape[1:]), schedule)
 
 
 @dataclass(frozen=True)
@@ -334,9 +351,12 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
     clock = _StageClock()
     image_shape = (flags["in_channels"], flags["image_size"], flags["image_size"])
 
+    draws = request.noise_draws
+    images_per_batch = max(1, job.options.batch_size // draws)  # a batch's draws·N rows fit one forward
+
     def decoded():
         since = time.perf_counter()
-        for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], job.options.batch_size,
+        for x, batch in iter_batches(samples, flags["image_size"], flags["in_channels"], images_per_batch,
                                      workers=_decode_threads(), skip_corrupt=request.dataset.skip_corrupt):
             x = torch.from_numpy(x)
             x = x.pin_memory() if cuda else x
@@ -349,7 +369,7 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
         since = time.perf_counter()
         ids = [s.image_id for s in batch]
         noise = seeded_noise_batch(image_shape, request.noise_seed, ids, request.ts, pin_memory=cuda,
-                                   workers=2 if cuda else 1)
+                                   workers=2 if cuda else 1, draws=draws)
         clock.add("noise", since)
         return x, batch, noise
 
@@ -367,18 +387,18 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
                     n = len(batch)
                     x_dev, noise_dev = to_device(x, model_device(model)), to_device(noise, model_device(model))
                     submitted = []
-                    for k0, group in _offsets(t_groups(request.ts, n, rows)):
+                    for k0, group in _offsets(t_groups(request.ts, n * draws, rows)):
                         xt = noised_rows(x_dev, noise_dev[k0:k0 + len(group)], group, request.backbone.schedule)
-                        t_rows = torch.tensor(group, dtype=torch.long).repeat_interleave(n)
-                        y = class_labels(request.backbone, n * len(group), device)
+                        t_rows = torch.tensor(group, dtype=torch.long).repeat_interleave(n * draws)
+                        y = class_labels(request.backbone, n * draws * len(group), device)
                         submitted.append((group, capture.submit(xt, t_rows, y=y)))
                     since = clock.add("forward", since)
                     if pending is not None:
                         pending.result()
                     since = clock.add("wait", since)
-                    pending = writer_thread.submit(_write_batch, writers, submitted, n, labels, ids, clock)
+                    pending = writer_thread.submit(_write_batch, writers, submitted, n, labels, ids, clock, draws)
                     stats.images += n
-                    stats.passes += n * len(request.ts)
+                    stats.passes += n * draws * len(request.ts)
                     if on_batch:
                         on_batch(n)
                     since = time.perf_counter()
@@ -410,13 +430,15 @@ def _offsets(groups: list[tuple[int, ...]]) -> list[tuple[int, tuple[int, ...]]]
     return out
 
 
-def _write_batch(writers: dict, submitted: list, n: int, labels: list[int], ids: list[str], clock: _StageClock) -> None:
+def _write_batch(writers: dict, submitted: list, n: int, labels: list[int], ids: list[str], clock: _StageClock,
+                 draws: int = 1) -> None:
     since = time.perf_counter()
     maps = {}
+    rows = n * draws
     for group, captured in submitted:  # waits for the device (CUDA: the async copy back)
         got = captured.result()
         for k, t in enumerate(group):
-            maps[t] = {b: m[k * n:(k + 1) * n].numpy() for b, m in got.items()}
+            maps[t] = {b: mean_over_draws(m[k * rows:(k + 1) * rows], draws).numpy() for b, m in got.items()}
     since = clock.add("device_wait", since)
     for (t, b), w in writers.items():
         w.write(maps[t][b], labels, ids)

@@ -1,13 +1,13 @@
 """Classification heads over frozen U-Net feature maps (N, C, H, W) -> class logits.
 
 The paper's heads, with hyper-parameters as keyword arguments so the search space can name them:
-linear (BN probe), mlp, cnn, attention (CLS token + transformer), and fusion (attention over tokens
-of several (t, block) maps at once, the DifFormer idea).
+linear (BN probe), mlp, cnn, attention (CLS token + transformer), fusion (attention over tokens
+of several (t, block) maps at once, the DifFormer idea), and mixing (Diffusion Hyperfeatures: a
+learned softmax-weighted sum of many (t, block) maps). Which head reads what is in
+`trials/head_registry.py`.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from typing import Any, Sequence
 
@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trials.constants import HEADS  # noqa: E402 - torch-free, for the config
-POOLED_HEADS = ("linear", "mlp")  # heads that read an adaptive-average-pooled p×p map
+from trials.head_registry import HEADS, head_spec  # noqa: F401 - HEADS re-exported for callers
 
 
 class LinearHead(nn.Module):
@@ -135,34 +134,80 @@ class FusionHead(AttentionHead):
         super().__init__(list(channels), list(spatial), num_classes, **kw)
 
 
-HEAD_CLASSES = {"linear": LinearHead, "mlp": MLPHead, "cnn": CNNHead, "attention": AttentionHead,
-                "fusion": FusionHead}
+class MixingHead(nn.Module):
+    """Diffusion Hyperfeatures' aggregation: every (t, block) map through its block's bottleneck
+    (1×1 conv to width `dim` + GroupNorm with one group + GELU, shared across t, as the block's
+    channels mean the same thing at every t), resized to `side`×`side`, summed with one learned
+    softmax-normalised weight per (t, block), then global average pool -> Linear.
+
+    `maps` is each input's (t, block); without it every input has its own bottleneck."""
+
+    def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int,
+                 maps: Sequence[Sequence[int]] | None = None, dim: int = 64, side: int = 8, dropout: float = 0.0):
+        super().__init__()
+        chans = [channels] if isinstance(channels, int) else list(channels)
+        labels = maps if maps is not None else [(0, i) for i in range(len(chans))]
+        self.maps = [tuple(int(v) for v in m) for m in labels]
+        if len(self.maps) != len(chans):
+            raise ValueError(f"{len(chans)} input maps but {len(self.maps)} (t, block) labels")
+        self.blocks = [b for _, b in self.maps]
+        channels_of: dict[int, int] = {}
+        for b, c in zip(self.blocks, chans):
+            if channels_of.setdefault(b, c) != c:
+                raise ValueError(f"block {b} has maps of {channels_of[b]} and {c} channels")
+        self.side = int(side)
+        # one group: small groups (1 channel at dim ≤ 32) would remove each channel's per-image mean,
+        # which is where a pooled feature's class signal often sits
+        self.bottleneck = nn.ModuleDict({
+            str(b): nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.GroupNorm(1, dim), nn.GELU())
+            for b, c in channels_of.items()})
+        self.mix = nn.Parameter(torch.zeros(len(self.maps)))  # uniform weights at the start
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def map_weights(self) -> torch.Tensor:
+        """The mixing weights, one per input (t, block), summing to one."""
+        return torch.softmax(self.mix.float(), dim=0)
+
+    def mixed(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The (N, dim, side, side) mixed map."""
+        maps = [x] if torch.is_tensor(x) else list(x)
+        w = self.map_weights()
+        out = 0
+        for i, (m, b) in enumerate(zip(maps, self.blocks)):
+            h = self.bottleneck[str(b)](m)
+            if h.shape[-1] > self.side:  # averaging, not sampling, when shrinking
+                h = F.adaptive_avg_pool2d(h, self.side)
+            elif h.shape[-1] < self.side:
+                h = F.interpolate(h, size=(self.side, self.side), mode="bilinear", align_corners=False)
+            out = out + w[i].to(h.dtype) * h
+        return out
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.drop(self.mixed(x).mean(dim=(2, 3))))
 
 
 def head_hyperparameters(head: str) -> tuple[str, ...]:
     """The architecture parameters a head's builder takes (what `space.head.<head>` may search, with
     the optimisation settings). `pool` comes from `space.pool`, not from the head's own entry."""
-    cls = HEAD_CLASSES[head]
-    init = (AttentionHead if cls is FusionHead else cls).__init__
-    skip = {"self", "channels", "spatial", "num_classes", "pool"}
-    return tuple(p for p in inspect.signature(init).parameters if p not in skip)
+    return head_spec(head).params
 
 
 def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence[int], num_classes: int,
                **hparams: Any) -> nn.Module:
     """Build a head by name. Hyper-parameters that the head does not take are an error."""
-    if head not in HEAD_CLASSES:
-        raise ValueError(f"unknown head '{head}'; known: {', '.join(HEADS)}")
-    if head != "fusion" and not isinstance(channels, int):
-        raise ValueError(f"head '{head}' reads one map; use 'fusion' for several")
-    return HEAD_CLASSES[head](channels, spatial, num_classes, **hparams)
+    spec = head_spec(head)
+    if not spec.multi_map and not isinstance(channels, int):
+        raise ValueError(f"head '{head}' reads one map; use a head that reads several (fusion) for several")
+    return spec.cls()(channels, spatial, num_classes, **hparams)
 
 
 def build_head_for_maps(head: str, shapes: Sequence[Sequence[int]], num_classes: int, **hparams: Any) -> nn.Module:
-    """Build a head for feature maps of the given (C, H, W) shapes: one map, or several for fusion."""
+    """Build a head for feature maps of the given (C, H, W) shapes: one map, or several for a
+    head that reads several (fusion)."""
     channels = [int(s[0]) for s in shapes]
     sides = [int(s[-1]) for s in shapes]
-    if head == "fusion":
+    if head_spec(head).multi_map:
         return build_head(head, channels, sides, num_classes, **hparams)
     return build_head(head, channels[0], sides[0], num_classes, **hparams)
 

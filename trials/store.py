@@ -60,16 +60,21 @@ class FeatureKey:
     class_label: str = ""  # class-conditional models: the fixed label id, or "mean"
     numeric: str = "cpu-fp32"  # the numeric path that computed it ("cpu-fp32", or "cuda-bf16" on a GPU)
     pool: int = 0  # 0: the stored map; p > 0: its p×p adaptive-average-pooled cache (float32)
+    noise_draws: int = 1  # the map is the mean over this many seeded ε draws (space.noise_draws)
 
     @property
     def digest(self) -> str:
-        blob = json.dumps({**asdict(self), "format": FORMAT}, sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["noise_draws"] == 1:  # left out: keys from before noise ensembles stay valid
+            del fields["noise_draws"]
+        blob = json.dumps({**fields, "format": FORMAT}, sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=10).hexdigest()
 
     @property
     def stem(self) -> str:
         pooled = f"_p{self.pool}" if self.pool else ""
-        return f"{self.dataset}/{self.split}/t{self.t}_b{self.block}{pooled}_{self.digest}"
+        draws = f"_k{self.noise_draws}" if self.noise_draws != 1 else ""
+        return f"{self.dataset}/{self.split}/t{self.t}_b{self.block}{draws}{pooled}_{self.digest}"
 
     def pooled(self, pool: int) -> "FeatureKey":
         return FeatureKey(**{**asdict(self), "pool": int(pool)})

@@ -8,6 +8,7 @@ is missing (first use, or a corrupted file) it is computed exactly once cluster-
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from ray import tune
 
 from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
 from trials.features import BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, dataset_splits
-from trials.heads import POOLED_HEADS, param_count
+from trials.head_registry import REGISTRY
+from trials.heads import param_count
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureStore
 from trials.train_head import HeadTrainer, Recipe
 
@@ -40,30 +42,42 @@ class TrialSetup:
     space_pools: tuple[int, ...] = (1,)  # every pool the space may ask (one pass builds all caches)
     seed: int = 0
     extract_options: dict = field(default_factory=dict)
+    space_draws: tuple[int, ...] = (1,)  # every noise-ensemble size the space may ask
 
     @property
     def store_root(self) -> str:
         return self.fill.store_root
 
-    def request(self, dataset: str, split: str, t: int, blocks: tuple[int, ...] | None = None) -> FeatureRequest:
-        """The request for every block the space reads at t (one U-Net pass covers them all)."""
+    def request(self, dataset: str, split: str, t: int, blocks: tuple[int, ...] | None = None,
+                draws: int = 1) -> FeatureRequest:
+        """The request for every block the space reads at t (one U-Net pass covers them all), each
+        map the mean over `draws` ε draws."""
         return FeatureRequest(self.backbone, self.datasets[dataset], split, (int(t),),
                               tuple(sorted(blocks or self.space_blocks.get(int(t), ()))), self.noise_seed,
-                              self.max_spatial, self.numeric)
+                              self.max_spatial, self.numeric, int(draws))
 
 
 def trial_maps(config: dict[str, Any]) -> list[tuple[int, int]]:
-    """The (t, block) maps a trial reads: one, or several for the fusion head."""
-    if config["head"] == "fusion":
-        return [(int(t), int(b)) for t, b in config["fusion.maps"]]
+    """The (t, block) maps a trial reads: one, or several for a head that reads several."""
+    head = config["head"]
+    if REGISTRY[head].multi_map:
+        return [(int(t), int(b)) for t, b in config[f"{head}.maps"]]
     return [(int(config["t"]), int(config["block"]))]
+
+
+def trial_draws(config: dict[str, Any]) -> int:
+    """The noise-ensemble size of a trial's features (absent: one draw, as before ensembles)."""
+    return int(config.get("noise_draws", 1))
 
 
 def head_hparams(config: dict[str, Any]) -> dict[str, Any]:
     head = config["head"]
-    params = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(head + ".") and k != "fusion.maps"}
-    if head in POOLED_HEADS:
+    spec = REGISTRY[head]
+    params = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(head + ".") and k != f"{head}.maps"}
+    if spec.pooled:
         params["pool"] = int(config["pool"])
+    if spec.takes_maps:
+        params["maps"] = [list(m) for m in trial_maps(config)]
     return params
 
 
@@ -72,7 +86,7 @@ def trial_device() -> str:
 
 
 def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int, int]], pool: int | None = None,
-               coordinator=None, device: str = "cpu") -> list[FeatureArray]:
+               coordinator=None, device: str = "cpu", draws: int = 1) -> list[FeatureArray]:
     """Read the maps of one split (or, with `pool`, their pooled caches), computing once,
     cluster-wide, what is missing or corrupt (in this process when Ray is not running)."""
     store = FeatureStore(setup.store_root)
@@ -80,7 +94,8 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
         coordinator = get_coordinator(setup.sweep, setup.extract_options)
     out = []
     for t, block in maps:
-        request = setup.request(dataset, split, t, tuple(sorted(set(setup.space_blocks.get(t, ())) | {block})))
+        blocks = tuple(sorted(set(setup.space_blocks.get(t, ())) | {block}))
+        request = setup.request(dataset, split, t, blocks, draws)
         key = request.key(t, block)
         try:
             array = store.read(key, verify=True)
@@ -95,16 +110,16 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
 
 def trial_pool(config: dict[str, Any]) -> int | None:
     """The pool a pooled head reads (its cache is what the trial loads), None for spatial heads."""
-    return int(config["pool"]) if config["head"] in POOLED_HEADS else None
+    return int(config["pool"]) if REGISTRY[config["head"]].pooled else None
 
 
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Ray Tune function trainable: reports val_acc / train_loss / epoch once per epoch, with a checkpoint."""
     device = trial_device()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    maps, pool = trial_maps(config), trial_pool(config)
-    train = load_split(setup, config["dataset"], "train", maps, pool, device=device)
-    val = load_split(setup, config["dataset"], "val", maps, pool, device=device)
+    maps, pool, draws = trial_maps(config), trial_pool(config), trial_draws(config)
+    train = load_split(setup, config["dataset"], "train", maps, pool, device=device, draws=draws)
+    val = load_split(setup, config["dataset"], "val", maps, pool, device=device, draws=draws)
     num_classes = len(dataset_splits(setup.datasets[config["dataset"]])[0])
     trainer = HeadTrainer(config["head"], head_hparams(config), train, num_classes, setup.recipe, setup.seed, device)
     checkpoint = tune.get_checkpoint()
@@ -116,5 +131,14 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     for metrics in trainer.epochs(val):
         with tempfile.TemporaryDirectory() as d:
             torch.save(trainer.state_dict(), os.path.join(d, "trainer.pt"))
-            tune.report({**metrics, "head_params": n_params, "node_id": node},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **learned_map_weights(trainer.model, maps), "head_params": n_params,
+                         "node_id": node}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def learned_map_weights(model: torch.nn.Module, maps: list[tuple[int, int]]) -> dict[str, str]:
+    """A head that weighs its (t, block) maps (mixing) reports the weights with every result, as JSON
+    [[t, block, weight], ...], so the driver can log them (MLflow heatmaps) without the checkpoint."""
+    if not hasattr(model, "map_weights"):
+        return {}
+    weights = model.map_weights().detach().cpu().tolist()
+    return {"map_weights": json.dumps([[t, b, round(w, 6)] for (t, b), w in zip(maps, weights)])}
