@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -109,6 +110,7 @@ class MlflowTrialCallback(Callback):
         self.logged_epoch: dict[str, int] = {}  # the highest epoch whose metrics were sent (or buffered)
         self.where: dict[str, dict] = {}
         self.backlog: dict[str, list[tuple[str, dict]]] = {}  # trial id -> calls not delivered yet, in order
+        self.refused = 0  # calls the server answered with a 4xx error (dropped, counted in gaps)
         self.on_done = on_done
         self._client: MlflowClient | None = None
         self._artifacts: str | None = None  # folder of files waiting to be (or already) logged
@@ -127,8 +129,8 @@ class MlflowTrialCallback(Callback):
 
     @property
     def gaps(self) -> int:
-        """MLflow calls not delivered (yet)."""
-        return sum(len(calls) for calls in self.backlog.values())
+        """MLflow calls not delivered: still buffered, or refused by the server."""
+        return sum(len(calls) for calls in self.backlog.values()) + self.refused
 
     def run_id_of(self, trial_id: str) -> str | None:
         """The trial's child run: known to this driver, else found in MLflow by its tag."""
@@ -179,7 +181,15 @@ class MlflowTrialCallback(Callback):
             run_id = self._ensure_run(trial_id)
             while calls:
                 method, kwargs = calls[0]
-                getattr(self.client, method)(run_id, **kwargs)
+                try:
+                    getattr(self.client, method)(run_id, **kwargs)
+                except MlflowException as e:
+                    if not _refused(e):
+                        raise
+                    # refused, not delayed (a bad value, a deleted run): retrying cannot help, and
+                    # it must not hold back the trial's later calls
+                    self.refused += 1
+                    log.warning("MLflow refused %s for trial %s (%s); dropped", method, trial_id, str(e)[:120])
                 calls.pop(0)
         except Exception as e:  # noqa: BLE001 - any tracking failure must not kill the sweep
             log.warning("MLflow unreachable (%s); %d call(s) buffered", str(e)[:120], self.gaps)
@@ -263,6 +273,12 @@ class MlflowTrialCallback(Callback):
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
+
+
+def _refused(e: MlflowException) -> bool:
+    """A 4xx answer other than 'too many requests' / 'timeout': the call itself is wrong."""
+    status = e.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 _RESTORING: dict[str, MlflowTrialCallback] = {}  # parent run id -> the callback a resuming driver built

@@ -100,3 +100,20 @@ def test_a_restored_tuner_pickle_brings_back_the_resuming_drivers_callback(tmp_p
         assert cloudpickle.loads(blob) is resumed
     other = cloudpickle.loads(blob)  # outside a restore: a plain copy (no closure, no client pickled)
     assert other is not resumed and other.parent_run_id == "parent-run" and other.on_done is None
+
+
+def test_a_refused_call_is_dropped_and_counted_not_retried_forever(tmp_path):
+    """A 4xx answer (here: a param logged again with another value) is not an outage: the call is
+    dropped and counted, and the trial's later calls still go out."""
+    from mlflow.entities import Param
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    parent = SweepRun(uri, "refused", "refused")
+    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    a = trial("r1")
+    cb.on_trial_start(0, [], a)
+    cb._send(a, "log_batch", params=[Param("head", "mlp")])  # the run already has head=linear
+    cb.on_trial_result(0, [], a, {"epoch": 1, "val_acc": 0.5, "timestamp": 100})
+    assert cb.backlog["r1"] == [] and cb.refused == 1 and cb.gaps == 1
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(cb.runs["r1"], "val_acc")] == [1]
