@@ -240,10 +240,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from orchestrator.search import PerDatasetOptunaSearch
     from orchestrator.report import print_trial_errors
     from orchestrator.select import select_and_export
-    from orchestrator.tracking import MlflowTrialCallback, SweepRun, bound_http_calls, check_reachable, restoring_into
+    from orchestrator.tracking import MlflowTrialCallback, SweepRun, check_reachable, restoring_into
     from trials.trainable import train_trial
 
-    bound_http_calls()  # before this process's first MLflow call
     check_reachable(cfg.tracking.uri)
     check_writable(cfg)
     check_datasets(cfg)

@@ -79,16 +79,25 @@ HTTP_TIMEOUT_S = 5
 HTTP_MAX_RETRIES = 0
 
 
-def bound_http_calls() -> None:
-    """Bound every MLflow HTTP call of this process: one try, HTTP_TIMEOUT_S seconds to connect and
-    as many for the answer (requests applies the timeout to each).
+@contextlib.contextmanager
+def bounded_http() -> Iterator[None]:
+    """MLflow HTTP calls made inside get one try, HTTP_TIMEOUT_S seconds to connect and as many for the
+    answer (requests applies the timeout to each). A value already in the environment wins.
 
-    MLflow's defaults (a 120 s timeout, 7 retries with exponential backoff: about 4 minutes) let one
-    call to a server that is down block Tune's controller, which runs the callback, for minutes. The
-    callback buffers and replays by itself, so one short try is enough. MLflow reads these per request;
-    set them before the first call. A value already in the environment wins."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
+    For the trial callback only: it runs on Tune's controller, where MLflow's defaults (a 120 s timeout,
+    7 retries with exponential backoff: about 4 minutes) let one call to a server that is down hold the
+    whole sweep, and it buffers and replays by itself. The parent run's calls keep MLflow's defaults: they
+    are not buffered, and a server slow to answer its first request (measured: > 5 s on a busy machine)
+    must not end the sweep. MLflow reads these variables per request; the driver calls from one thread."""
+    bounds = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(HTTP_TIMEOUT_S),
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(HTTP_MAX_RETRIES)}
+    added = [k for k in bounds if k not in os.environ]
+    os.environ.update({k: bounds[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 class MlflowTrialCallback(Callback):
@@ -99,7 +108,7 @@ class MlflowTrialCallback(Callback):
     next event delivers them in order: first the trial's run (found by its `diffsweep.trial_id` tag,
     else created, so a create whose answer was lost is never made twice), then its calls. Each event
     stops at the first failing call, so an outage costs Tune's controller at most one bounded call per
-    event (see bound_http_calls)."""
+    event (see bounded_http)."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, max_t: int,
                  on_done: Callable[[str, dict], None] | None = None):
@@ -136,7 +145,8 @@ class MlflowTrialCallback(Callback):
         """The trial's child run: known to this driver, else found in MLflow by its tag."""
         if trial_id not in self.runs:
             try:
-                found = self._find_run(trial_id)
+                with bounded_http():
+                    found = self._find_run(trial_id)
             except Exception:  # noqa: BLE001 - reported as a gap, never fatal
                 return None
             if found is not None:
@@ -199,9 +209,10 @@ class MlflowTrialCallback(Callback):
     def _flush(self, first: str | None = None) -> None:
         """Deliver `first`'s backlog, then every other trial's; stop at the first failure."""
         order = ([first] if first else []) + [t for t, calls in self.backlog.items() if calls and t != first]
-        for trial_id in order:
-            if not self._deliver(trial_id):
-                return
+        with bounded_http():
+            for trial_id in order:
+                if not self._deliver(trial_id):
+                    return
 
     def _send(self, trial, method: str | None = None, **kwargs) -> None:
         self.configs.setdefault(trial.trial_id, dict(trial.config))

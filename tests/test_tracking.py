@@ -117,3 +117,17 @@ def test_a_refused_call_is_dropped_and_counted_not_retried_forever(tmp_path):
     assert cb.backlog["r1"] == [] and cb.refused == 1 and cb.gaps == 1
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(cb.runs["r1"], "val_acc")] == [1]
+
+
+def test_the_http_bound_holds_inside_the_callbacks_calls_only(monkeypatch):
+    import os
+
+    from orchestrator.tracking import bounded_http
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a value the user set wins
+    with bounded_http():
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # the parent run's calls keep MLflow's defaults
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
