@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def sweep_flags(s):
-        s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); default: local Ray")
+        s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node, 'local' for a private "
+                                         "instance); default: the cluster `ray start` made on this machine, else "
+                                         "a local Ray")
         s.add_argument("--tracking-uri", help="MLflow tracking URI (default from the YAML: sqlite:///mlruns.db)")
         s.add_argument("--storage-path", help="Ray Tune storage path (shared storage on a cluster)")
         s.add_argument("--store", help="feature store path or URI")
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue an interrupted sweep")
     s.add_argument("name", help="the sweep's name (`name:` in its YAML)")
     s.add_argument("--storage-path", default="runs/ray", help="Ray Tune storage path the sweep ran with")
-    s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node); default: local Ray")
+    s.add_argument("--address", help="Ray cluster address ('auto' on a cluster node, 'local' for a private "
+                                     "instance); default: the cluster `ray start` made on this machine, else a "
+                                     "local Ray")
     s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("status", help="list the trials of a sweep")

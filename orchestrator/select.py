@@ -159,7 +159,7 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                               draws=trial_draws(config))
             trainer, config = restore_trainer(setup, row, test)
             test_acc = trainer.accuracy(test)
-            run_id = callback.runs.get(row["trial_id"])
+            run_id = callback.run_id_of(row["trial_id"])
             files = export_selection(cfg, setup, dataset, config, trainer, float(row["val_acc"]), test_acc,
                                      out_dir, parent.run_id, run_id, int(row["head_params"]))
             for f in files:
@@ -184,5 +184,4 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                                  "val_acc": float(row["val_acc"]), "test_acc": test_acc,
                                  "yaml": str(files[0]), "weights": str(files[1]), "model_uri": model_uri}
     table.to_parquet(out_dir / "results.parquet", index=False)
-    return SweepOutcome(table, selected, parent.run_id, out_dir,
-                        len(callback.backlog) + callback.lost_calls + model_failures)
+    return SweepOutcome(table, selected, parent.run_id, out_dir, callback.gaps + model_failures)

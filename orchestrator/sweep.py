@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,30 @@ def check_writable(cfg: SweepConfig) -> None:
                               "choose a folder you can write to")
 
 
+def known_local_cluster() -> tuple[str, Path] | None:
+    """The address `ray start` left for a bare `ray.init()` to join, and the file that holds it."""
+    # where Ray itself looks (ray._common.utils.get_ray_address_file), without importing its internals
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    path = Path(tmp or "/tmp") / "ray" / "ray_current_cluster"
+    try:
+        address = path.read_text().strip()
+    except OSError:
+        return None
+    return (address, path) if address else None
+
+
+def answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether anything listens at host:port (a killed head leaves its address behind; nothing answers)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -91,11 +116,37 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # nothing); on a small sweep it warns that this is frequent. It is intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False)
-    if address:
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and join_known_local_cluster(kwargs):
+        return
+    if address and address != "local":
         ray.init(address=address, **kwargs)
     else:  # a laptop or a CI box: small and quiet, no dashboard
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=256 * 1024 ** 2, **kwargs)
+
+
+def join_known_local_cluster(kwargs: dict[str, Any]) -> bool:
+    """Ray's convention for a bare ray.init(): join the cluster `ray start` made on this machine (sizing
+    a new instance then is an error). A stale address (a head killed without `ray stop`) names nothing:
+    say so and let the caller start a fresh local instance. One line either way."""
+    import ray
+
+    known = known_local_cluster()
+    if known is None:
+        return False
+    address, path = known
+    if answers(address):
+        try:
+            ray.init(address=address, **kwargs)
+            print(f"ray: joined the local cluster at {address} (started by `ray start`, listed in {path}); "
+                  "pass --address local for a private instance", flush=True)
+            return True
+        except ConnectionError:
+            pass
+    print(f"ray: no Ray cluster answers at {address} (stale {path}: a head stopped without `ray stop`); "
+          "starting a local instance", flush=True)
+    return False
 
 
 def sweep_numeric(cfg: SweepConfig) -> str:
@@ -191,7 +242,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from orchestrator.search import PerDatasetOptunaSearch
     from orchestrator.report import print_trial_errors
     from orchestrator.select import select_and_export
-    from orchestrator.tracking import MlflowTrialCallback, SweepRun, check_reachable
+    from orchestrator.tracking import MlflowTrialCallback, SweepRun, check_reachable, restoring_into
     from trials.trainable import train_trial
 
     check_reachable(cfg.tracking.uri)
@@ -241,8 +292,9 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
                                   search_alg=ConcurrencyLimiter(searcher, cfg.search.max_concurrent),
                                   num_samples=searcher.total_budget)
     if resume:
-        tuner = tune.Tuner.restore(str(sdir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=None)
+        with restoring_into(callback):  # the first run's pickled callback comes back as this one
+            tuner = tune.Tuner.restore(str(sdir), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=None)
     else:
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     print(f"sweep '{cfg.name}': up to {searcher.total_budget} trials over {len(setup.datasets)} dataset(s), "
