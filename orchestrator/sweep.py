@@ -236,9 +236,10 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     """`register_model`: also register each winner's MLflow model under this name (NAME for one
     dataset, NAME-<dataset> for several)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from orchestrator.schedule import PerDatasetASHA
     from orchestrator.search import PerDatasetOptunaSearch
     from orchestrator.report import print_trial_errors
     from orchestrator.select import select_and_export
@@ -280,8 +281,8 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     callback = MlflowTrialCallback(cfg.tracking.uri, parent.experiment_id, parent.run_id, cfg.epochs, announce)
     searcher = PerDatasetOptunaSearch(cfg)
     a = cfg.search.asha
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=a.max_t, grace_period=a.grace_period,
-                               reduction_factor=a.reduction_factor) if a else FIFOScheduler())
+    scheduler = (PerDatasetASHA([d.name for d in cfg.datasets], max_t=a.max_t, grace_period=a.grace_period,
+                                reduction_factor=a.reduction_factor) if a else FIFOScheduler())
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     run_config = tune.RunConfig(

@@ -3,7 +3,7 @@
 1. Multi-node: a `ray.cluster_utils.Cluster` with a head that has no CPUs and two 1-CPU worker nodes;
    a tiny sweep through the public API (`load_config` + `run_sweep(cfg, address=...)`) must place
    trials on both workers (each trial reports `node_id`) and export the selected config.
-2. Job submission: `ray start --head` with the dashboard on 127.0.0.1, then
+2. Job submission (tests/test_cluster_job.py): `ray start --head` with the dashboard on 127.0.0.1, then
    `ray job submit --working-dir <repo> -- python -m orchestrator run SPACE --address auto`, exactly as
    cluster/README.md documents it; the job must succeed and export at the spec's absolute export_dir.
 
@@ -226,35 +226,6 @@ def _stop_head(proc: subprocess.Popen, ray_tmp: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-@pytest.mark.network
-def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path):
-    space = tiny_space(tmp_path, num_samples=NUM_SAMPLES)
-    ray_tmp = _private_tmp("dsj-")
-    env = _env(ray_tmp)
-    t0 = time.monotonic()
-    head, url = _start_head(ray_tmp, env, tmp_path / "ray_start.log")
-    try:
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-             "--", "python", "-m", "orchestrator", "run", str(space), "--address", "auto"],
-            env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        _stop_head(head, ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(f"ray start + job submit + sweep: {time.monotonic() - t0:.1f}s")
-    output = job.stdout + job.stderr
-    assert job.returncode == 0, f"ray job submit exited {job.returncode}:\n{output[-4000:]}"
-    assert "succeeded" in output and "sweep 'tiny'" in output, output[-4000:]
-
-    exported = tmp_path / "exported"  # the spec's absolute export_dir
-    for name in ("digits.yaml", "digits.safetensors", "results.parquet"):
-        assert (exported / name).is_file(), name
-    import yaml
-    doc = yaml.safe_load((exported / "digits.yaml").read_text())
-    assert doc["selection"]["chosen_on"] == "validation"
 
 
 if __name__ == "__main__":  # the child process of test_multinode_sweep_spreads_trials_over_worker_nodes

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from trials.extract import capture_blocks
-from trials.unet import ARCHITECTURES, create_unet, make_config
+from trials.unet import ARCHITECTURES, create_unet
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from orchestrator.report import serve_command
 from tests.conftest import ROOT
 from tests.spaces import tiny_space
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_model")]  # one shared sweep per worker
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

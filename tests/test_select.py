@@ -18,8 +18,6 @@ SPACE_BLOCKS = (4, 8)  # tests/spaces.py tiny_space
 # a stored part: t<T>_b<BLOCK>[_p<POOL>]_<digest>.part-<i>-of-<n>.arrow (trials/store.py FeatureKey.stem)
 STORED = re.compile(r"t(?P<t>\d+)_b(?P<block>\d+)(?:_p(?P<pool>\d+))?_[0-9a-f]+\.part-\d+-of-\d+\.arrow")
 
-# one worker runs the whole module under xdist, so its module-scoped sweep is made once
-pytestmark = pytest.mark.xdist_group("select")
 
 
 def result(trial_id, dataset, val_accs, error=None, head="linear", t=10, block=4, pool=1, head_params=100):

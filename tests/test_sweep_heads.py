@@ -1,0 +1,65 @@
+"""Sweeps of every head type, and of the mixing head with noise ensembles, each its own tiny sweep."""
+
+import json
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from tests.spaces import tiny_space
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_head_type_runs_to_completion(ray_local, tmp_path):
+    heads = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
+             "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
+    space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid",
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 500}}],
+                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["space"].update(t=[10], block=[8], pool=[2], fusion_maps=[[[10, 4], [10, 8]]])
+    space.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(space)]) == 0
+    table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
+    assert sorted(table["head"]) == sorted(heads)
+    assert (table["status"] == "completed").all() and (table["head_params"] > 0).all()
+
+
+def test_mixing_head_and_noise_ensembles_sweep_logs_its_weight_heatmaps(ray_local, tmp_path):
+    """A mixing head over every (t, block) of the space, beside single-map linear trials, on features
+    of one and of two noise draws: the trial's child run gets its learned weights as a heatmap, the
+    parent gets the best one with its rank correlation against the val_acc heatmap."""
+    heads = {"linear": {}, "mixing": {"dim": [16], "side": [4]}}
+    space = tiny_space(tmp_path, name="mixing", heads=heads, sampler="grid",
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
+                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
+    import yaml
+    spec = yaml.safe_load(space.read_text())
+    spec["space"].update(pool=[1], noise_draws=[1, 2])
+    space.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(space)]) == 0
+    table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
+    assert sorted(table["head"]) == ["linear"] * 8 + ["mixing"] * 2
+    assert (table["status"] == "completed").all()
+    draws = [json.loads(h).get("noise_draws") for h in table["hparams"]]
+    assert sorted(draws) == [1] * 5 + [2] * 5
+    stems = [p.name for p in (tmp_path / "features").rglob("*.arrow")]
+    assert any("_k2_" in n for n in stems) and any("_k2_" not in n for n in stems)  # k=1 keys keep their names
+    weights = json.loads(table[table["head"] == "mixing"].iloc[0]["map_weights"])
+    assert sorted((t, b) for t, b, _ in weights) == [(10, 4), (10, 8), (200, 4), (200, 8)]
+    assert abs(sum(w for *_, w in weights) - 1) < 1e-4
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mixing").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("diffsweep.role") == "parent")
+    children = [r for r in runs if r.data.params.get("head") == "mixing"]
+    assert len(children) == 2
+    for child in children:
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "heatmaps")] == \
+            ["heatmaps/mixing_weights.json", "heatmaps/mixing_weights.png"]
+    parent_heatmaps = [a.path for a in client.list_artifacts(parent.info.run_id, "heatmaps")]
+    assert "heatmaps/digits_mixing_weights.png" in parent_heatmaps
+    assert -1 <= parent.data.metrics["digits.mixing_rank_corr"] <= 1
+    assert (tmp_path / "exported" / "digits_mixing_weights.png").is_file()
