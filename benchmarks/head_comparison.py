@@ -17,12 +17,13 @@ The space of every sweep: t in {10, 25} x blocks {8, 10} (examples/fashion_mnist
 search_spaces/fashion_mnist.yaml sweeps blocks 8-10), pools {1, 2, 4} for the pooled heads (linear,
 mlp); fusion chooses among three map pairs, mixing mixes all four (t, block) maps with learned weights.
 Head widths are set for about 100k parameters where the head has a width (mlp hidden 96, cnn width
-80, attention / fusion d=64, mixing d=768); the linear probe has none (0.8k-12k by pool). AdamW +
+80, attention / fusion d=64; mixing d=512, 73k, as its 1x1 convolutions at 14x14 are the slowest
+part of the comparison on a CPU); the linear probe has none (0.8k-12k by pool). AdamW +
 cosine, the registry's default learning rates, grid sampler, ASHA over `--epochs` (rung at half).
 All sweeps share one feature store, so each (backbone, split, t) is extracted once.
 
-    .venv/bin/python benchmarks/head_comparison.py            # 6,000 train / 1,000 val / 10,000 test
-    .venv/bin/python benchmarks/head_comparison.py --quick    # 600 / 200 / 500, t=10, 2 epochs
+    .venv/bin/python benchmarks/head_comparison.py            # 4,000 train / 1,000 val / 10,000 test, 4 epochs
+    .venv/bin/python benchmarks/head_comparison.py --quick    # 300 / 100 / 200, t=10, block 8, 1 epoch
 
 The last line is `ddpm_beats_random=<k>/<n>`: for how many of the n heads the DDPM's test accuracy is
 above the random U-Net's.
@@ -46,10 +47,12 @@ BACKBONES = {"ddpm": {"path": None, "arch": "adm-28-small"},
 # about 100k parameters each at 64-channel maps (the linear probe has no width to set)
 HEAD_PARAMS = {"linear": {}, "mlp": {"hidden": [96]}, "cnn": {"width": [80], "depth": [2]},
                "attention": {"dim": [64], "heads": [4], "depth": [2]},
-               "fusion": {"dim": [64], "heads": [4], "depth": [2]}, "mixing": {"dim": [768], "side": [8]}}
-DEFAULT = {"train": 6000, "val": 1000, "test": None, "t": [10, 25], "block": [8, 10], "pool": [1, 2, 4],
-           "epochs": 6}
-QUICK = {"train": 600, "val": 200, "test": 500, "t": [10], "block": [8, 10], "pool": [1, 4], "epochs": 2}
+               "fusion": {"dim": [64], "heads": [4], "depth": [2]}, "mixing": {"dim": [512], "side": [8]}}
+# sized for a 2-core CPU (the whole default run about half an hour; see the README)
+DEFAULT = {"train": 4000, "val": 1000, "test": None, "t": [10, 25], "block": [8, 10], "pool": [1, 2, 4],
+           "epochs": 4}
+# the format check of the tests: one 7x7 map, one epoch, tiny splits (12 sweeps' overhead dominates)
+QUICK = {"train": 300, "val": 100, "test": 200, "t": [10], "block": [8], "pool": [1, 2], "epochs": 1}
 
 
 def fusion_sets(ts: list[int], blocks: list[int]) -> list[list[list[int]]]:
@@ -149,13 +152,13 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="600 train / 200 val / 500 test, t=10, 2 epochs (the tests)")
+    p.add_argument("--quick", action="store_true", help="300 train / 100 val / 200 test, t=10, block 8, 1 epoch (the tests)")
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of " + ",".join(HEADS))
     p.add_argument("--weights", default="ddpm,random", help="ddpm, random or both")
     p.add_argument("--train", type=int, help="train images (seeded stratified subset of the 54k)")
     p.add_argument("--val", type=int, help="val images (subset of the 6k carved from train)")
     p.add_argument("--test", type=int, help="test images (default: all 10,000)")
-    p.add_argument("--epochs", type=int, help="max_t of every sweep (ASHA rung at half); default 6, quick 2")
+    p.add_argument("--epochs", type=int, help="max_t of every sweep (ASHA rung at half); default 4, quick 1")
     p.add_argument("--workdir", help="sweep state, MLflow sqlite and exports (default: a temp dir)")
     p.add_argument("--store", help="feature store (default: <workdir>/store); reuse one to skip extraction")
     p.add_argument("--plot", default=None, help="PNG path (default benchmarks/head_comparison.png; "
