@@ -50,6 +50,16 @@ def test_search_efficiency_quick():
     assert 0 < fraction <= 1 and 0 <= beats <= 1, line
 
 
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs dataset-fashion-mnist")
+def test_head_comparison_quick(tmp_path):
+    """Every head, DDPM and random weights, each a real run_sweep on a tiny Fashion-MNIST subset."""
+    line = last_line("head_comparison.py", "--quick", "--workdir", str(tmp_path), timeout=900)
+    m = re.fullmatch(r"ddpm_beats_random=(\d+)/(\d+)", line)
+    assert m, line
+    assert int(m.group(2)) == 6 and int(m.group(1)) <= 6, line
+    assert (tmp_path / "head_comparison.png").stat().st_size > 0
+
+
 def test_search_efficiency_bad_seeds():
     proc = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--seeds", "5..2"],
                           capture_output=True, text=True, timeout=60)
@@ -58,7 +68,7 @@ def test_search_efficiency_bad_seeds():
 
 @pytest.mark.parametrize("script", ["sweep_cost.py", "trial_memory.py", "extract_throughput.py",
                                     "search_efficiency.py", "representation.py", "ddpm_train_throughput.py",
-                                    "scale.py"])
+                                    "scale.py", "head_comparison.py"])
 def test_help(script):
     assert "usage:" in subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True,
                                       text=True, timeout=60, check=True).stdout
