@@ -13,6 +13,13 @@ def trial(trial_id):
                  trial_id=trial_id, stub=True)
 
 
+def sweep_callback(tmp_path, name: str):
+    """A real sqlite store, the sweep's parent run in it, and the trial callback (max_t 3) logging there."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    parent = SweepRun(uri, name, name)
+    return uri, parent, MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+
+
 def test_unreachable_server_is_refused_before_any_compute():
     with pytest.raises(TrackingError, match="unreachable"):
         check_reachable("http://127.0.0.1:9", timeout=2)
@@ -21,9 +28,7 @@ def test_unreachable_server_is_refused_before_any_compute():
 def test_metrics_survive_a_tracking_outage(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = SweepRun(uri, "outage", "outage")
-    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    uri, parent, cb = sweep_callback(tmp_path, "outage")
     a = trial("a1")
     cb.on_trial_start(0, [], a)
     cb.on_trial_result(0, [], a, {"epoch": 1, "val_acc": 0.5, "train_loss": 1.0})
@@ -43,9 +48,7 @@ def test_metrics_survive_a_tracking_outage(tmp_path, monkeypatch):
 
 
 def test_pruned_and_failed_statuses_and_no_duplicate_on_resume(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = SweepRun(uri, "st", "st")
-    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    uri, parent, cb = sweep_callback(tmp_path, "st")
     p, f = trial("p1"), trial("f1")
     for t in (p, f):
         cb.on_trial_start(0, [], t)
@@ -65,9 +68,7 @@ def test_pruned_and_failed_statuses_and_no_duplicate_on_resume(tmp_path):
 def test_outage_at_a_trials_start_makes_one_run_and_loses_no_epoch(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = SweepRun(uri, "start", "start")
-    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    uri, parent, cb = sweep_callback(tmp_path, "start")
     healthy = cb.client
     cb._client = MlflowClient("http://127.0.0.1:9")  # down before the trial starts (nothing listens there)
     a = trial("s1")
@@ -107,9 +108,7 @@ def test_a_refused_call_is_dropped_and_counted_not_retried_forever(tmp_path):
     dropped and counted, and the trial's later calls still go out."""
     from mlflow.entities import Param
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = SweepRun(uri, "refused", "refused")
-    cb = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    uri, parent, cb = sweep_callback(tmp_path, "refused")
     a = trial("r1")
     cb.on_trial_start(0, [], a)
     cb._send(a, "log_batch", params=[Param("head", "mlp")])  # the run already has head=linear
