@@ -27,6 +27,7 @@ quickstart: install fashion-mnist
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install fashion-mnist
 # Four workers on any machine: most of the suite waits on Ray, MLflow and child processes, so four keep
-# two cores busy. loadfile keeps each file on one worker, so a module's shared sweep is made once
-# (xdist's loadgroup marks are not honoured under pytest 9: their sweeps were made once per worker).
-	$(PY) -m pytest -q -n 4 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+# two cores busy (six overloaded Ray's start-up on two cores). loadfile keeps each file on one worker, so a
+# module's shared sweep is made once (xdist's loadgroup marks are not honoured under pytest 9: their sweeps
+# were made once per worker); tests/conftest.py orders the files longest first and --no-loadscope-reorder keeps that order.
+	$(PY) -m pytest -q -n 4 --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
