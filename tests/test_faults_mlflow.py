@@ -64,7 +64,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 def timed_sweep(tmp: Path, name: str, url: str, during=None) -> float:
     # one trial at a time: the trial that starts during the outage leaves a few after it, so the sweep
     # is still running when the server is back
-    space = tiny_space(tmp, name=name, num_samples=8, max_concurrent=1,
+    space = tiny_space(tmp, name=name, num_samples=5, max_concurrent=1,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 600}}])
     t0 = time.monotonic()
     driver = start(["run", str(space), "--tracking-uri", url], tmp)
@@ -75,9 +75,9 @@ def timed_sweep(tmp: Path, name: str, url: str, during=None) -> float:
 
 
 @pytest.mark.network
-def test_mlflow_server_down_at_a_trials_start(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # this test's own client, while the server is down
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+def test_mlflow_server_down_at_a_trials_start(tmp_path):
+    # the drivers keep MLflow's own HTTP defaults (the test's client only talks to a running server): a
+    # 5 s bound leaked into a driver failed its set-up on a loaded machine
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
@@ -116,7 +116,7 @@ def test_mlflow_server_down_at_a_trials_start(tmp_path, monkeypatch):
     parent = [r for r in runs if r.data.tags.get("diffsweep.role") == "parent"]
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     tune = results(tmp_path / "ray", "mlo")
-    assert len(tune) == 8 and outage["started"] <= set(tune)
+    assert len(tune) == 5 and outage["started"] <= set(tune)
     by_trial = {}
     for k in kids:
         by_trial.setdefault(k.data.tags["diffsweep.trial_id"], []).append(k)
