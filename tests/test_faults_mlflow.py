@@ -76,8 +76,10 @@ def timed_sweep(tmp: Path, name: str, url: str, during=None) -> float:
 
 @pytest.mark.network
 def test_mlflow_server_down_at_a_trials_start(tmp_path):
-    # the drivers keep MLflow's own HTTP defaults (the test's client only talks to a running server): a
-    # 5 s bound leaked into a driver failed its set-up on a loaded machine
+    # no MLflow HTTP bounds in this test's environment: the drivers inherit it, and there a 5 s bound
+    # also reached the parent run's calls (orchestrator/tracking.py `bounded_http` keeps those at MLflow's
+    # defaults) and failed a driver's set-up on a loaded machine; this test's client only talks to a
+    # running server
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
