@@ -285,6 +285,7 @@ class SweepConfig(Strict):
                 if param not in known:
                     raise ConfigError(f"space.head.{name}.{param}: head '{name}' has no parameter '{param}'; "
                                       f"use one of {', '.join(known)}")
+        self._check_head_values()
         for i, b in enumerate(self.space.block):
             if not 1 <= b <= n:
                 raise ConfigError(f"space.block[{i}] = {b}: architecture {self.checkpoint.arch} has blocks 1..{n}; "
@@ -296,6 +297,34 @@ class SweepConfig(Strict):
                     if not 1 <= b <= n or not 0 <= t < NUM_TIMESTEPS:
                         raise ConfigError(f"space.{field}[{i}]: ({t}, {b}) needs t in 0..{NUM_TIMESTEPS - 1} and "
                                           f"block in 1..{n}")
+
+    def _check_head_values(self) -> None:
+        """Every listed combination of a head's parameters must build the head. Each is built once on
+        the meta device (no memory; stand-in 8×4×4 maps, as the constructors' checks are on the values),
+        so a value a constructor refuses is one line here rather than an error in every trial."""
+        import itertools
+
+        import torch
+
+        from trials.head_registry import REGISTRY
+        from trials.heads import build_head_for_maps
+        from trials.train_head import split_hparams
+        for name, params in self.space.head.items():
+            spec = REGISTRY[name]
+            listed = {k: v for k, v in params.items() if not isinstance(v, Range)}
+            shapes = [(8, 4, 4)] * (2 if spec.multi_map else 1)
+            for values in itertools.islice(itertools.product(*listed.values()), 256):
+                kw, _ = split_hparams(dict(zip(listed, values)))
+                if spec.pooled:
+                    kw["pool"] = 1
+                if spec.takes_maps:
+                    kw["maps"] = [[10, 1], [10, 2]]
+                try:
+                    with torch.device("meta"):
+                        build_head_for_maps(name, shapes, 2, **kw)
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(f"space.head.{name}: {dict(zip(listed, values))} does not build a head: {e}; "
+                                      "change or remove that value") from None
 
     def _check_pools(self) -> None:
         """Two pools that give a block the same pooled side would train the same head twice.

@@ -52,6 +52,8 @@ CASES = {
         export_dir=str(tmp / "a-file" / "exported"))), "a-file/exported is not writable"),
     "head parameter name": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"]["head"].update(
         linear={"lrr": [0.01]})), "linear.lrr: head 'linear' has no parameter 'lrr'"),
+    "head parameter value": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"]["head"].update(
+        mixing={"classifier": ["linear", "conv"]})), "space.head.mixing: {'classifier': 'conv'} does not build"),
     "warm start key": (lambda tmp: edit(tiny_space(tmp), lambda s: s["search"].update(warm_start=[
         {"head": "linear", "t": 10, "block": 4, "pool": 1, "linear.lrr": 0.01}])),
         "search.warm_start[0].linear.lrr: not a parameter"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trials.head_registry import REGISTRY
-from trials.heads import HEADS, MixingHead, build_head, param_count
+from trials.heads import HEADS, MixingHead, build_head, head_hyperparameters, param_count
 from trials.store import FeatureArray
 from trials.train_head import HeadTrainer, Recipe
 
@@ -62,6 +62,19 @@ def test_mixing_head_shapes_and_softmax_weights():
     assert torch.isclose(w.sum(), torch.tensor(1.0)) and (w > 0).all() and int(w.argmax()) == 0
     head(x).sum().backward()
     assert head.mix.grad is not None and head.mix.grad.abs().sum() > 0  # the weights are learned
+
+
+def test_mixing_head_with_the_attention_classifier_learns_its_weights_too():
+    maps = [[10, 4], [200, 4], [10, 8]]
+    head = build_head("mixing", [64, 64, 32], [7, 7, 14], 5, maps=maps, dim=16, side=4, classifier="attention")
+    x = [torch.randn(3, 64, 7, 7), torch.randn(3, 64, 7, 7), torch.randn(3, 32, 14, 14)]
+    assert head(x).shape == (3, 5) and not hasattr(head, "fc")  # the attention head classifies the mixed map
+    assert head.attend.tokens[0].side == 4  # over all 4×4 tokens of the mixed map
+    head(x).sum().backward()
+    assert head.mix.grad is not None and head.mix.grad.abs().sum() > 0
+    assert "classifier" in head_hyperparameters("mixing")  # searchable like dim and side
+    with pytest.raises(ValueError, match="mixing classifier 'conv' unknown"):
+        build_head("mixing", [8], [2], 3, maps=[[10, 4]], classifier="conv")
 
 
 def test_mixing_head_upsamples_small_maps_and_refuses_mismatched_labels():

@@ -138,13 +138,20 @@ class MixingHead(nn.Module):
     """Diffusion Hyperfeatures' aggregation: every (t, block) map through its block's bottleneck
     (1×1 conv to width `dim` + GroupNorm with one group + GELU, shared across t, as the block's
     channels mean the same thing at every t), resized to `side`×`side`, summed with one learned
-    softmax-normalised weight per (t, block), then global average pool -> Linear.
+    softmax-normalised weight per (t, block), then a classifier on the mixed map: `linear` (global
+    average pool -> Linear) or `attention` (the attention head, one transformer block of width `dim`,
+    over the side² tokens of the mixed map).
 
     `maps` is each input's (t, block); without it every input has its own bottleneck."""
 
+    CLASSIFIERS = ("linear", "attention")
+
     def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int,
-                 maps: Sequence[Sequence[int]] | None = None, dim: int = 64, side: int = 8, dropout: float = 0.0):
+                 maps: Sequence[Sequence[int]] | None = None, dim: int = 64, side: int = 8, dropout: float = 0.0,
+                 classifier: str = "linear"):
         super().__init__()
+        if classifier not in self.CLASSIFIERS:
+            raise ValueError(f"mixing classifier '{classifier}' unknown; use one of {', '.join(self.CLASSIFIERS)}")
         chans = [channels] if isinstance(channels, int) else list(channels)
         labels = maps if maps is not None else [(0, i) for i in range(len(chans))]
         self.maps = [tuple(int(v) for v in m) for m in labels]
@@ -162,8 +169,13 @@ class MixingHead(nn.Module):
             str(b): nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.GroupNorm(1, dim), nn.GELU())
             for b, c in channels_of.items()})
         self.mix = nn.Parameter(torch.zeros(len(self.maps)))  # uniform weights at the start
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, num_classes)
+        self.classifier = classifier
+        if classifier == "attention":
+            heads = next(h for h in (4, 2, 1) if dim % h == 0)
+            self.attend = AttentionHead(dim, self.side, num_classes, dim=dim, heads=heads, depth=1, dropout=dropout)
+        else:
+            self.drop = nn.Dropout(dropout)
+            self.fc = nn.Linear(dim, num_classes)
 
     def map_weights(self) -> torch.Tensor:
         """The mixing weights, one per input (t, block), summing to one."""
@@ -184,6 +196,8 @@ class MixingHead(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.classifier == "attention":
+            return self.attend(self.mixed(x))
         return self.fc(self.drop(self.mixed(x).mean(dim=(2, 3))))
 
 
