@@ -289,9 +289,11 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
         name=cfg.name, storage_path=absolute(cfg.storage_path), callbacks=[callback], verbose=0,
         failure_config=tune.FailureConfig(max_failures=3),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep))
+    # reuse_actors: the next trial runs in the worker process the last one left (its torch import,
+    # CUDA context and compiled extractor kept); each trial still builds its own head and data
     tune_config = tune.TuneConfig(metric=cfg.search.metric, mode="max", scheduler=scheduler,
                                   search_alg=ConcurrencyLimiter(searcher, cfg.search.max_concurrent),
-                                  num_samples=searcher.total_budget)
+                                  num_samples=searcher.total_budget, reuse_actors=True)
     if resume:
         with restoring_into(callback):  # the first run's pickled callback comes back as this one
             tuner = tune.Tuner.restore(str(sdir), trainable, resume_unfinished=True, resume_errored=True,

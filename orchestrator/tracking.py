@@ -219,10 +219,10 @@ class MlflowTrialCallback(Callback):
             return False
         return True
 
-    def _flush(self, first: str | None = None) -> None:
+    def _flush(self, first: str | None = None, bounded: bool = True) -> None:
         """Deliver `first`'s backlog, then every other trial's; stop at the first failure."""
         order = ([first] if first else []) + [t for t, calls in self.backlog.items() if calls and t != first]
-        with bounded_http():
+        with bounded_http() if bounded else contextlib.nullcontext():
             for trial_id in order:
                 if not self._deliver(trial_id):
                     return
@@ -290,7 +290,11 @@ class MlflowTrialCallback(Callback):
         self._finish(trial, errored=True)
 
     def on_experiment_end(self, trials, **info):
-        self._flush()  # whatever is still buffered
+        # Whatever is still buffered, with the parent run's patience (MLflow's own retries, minutes): the
+        # controller has nothing left to keep responsive, and a sweep whose last trials end during an
+        # outage still gets their runs once the server is back (measured: all five trials of a test sweep
+        # ended while a restarted server was still starting).
+        self._flush(bounded=False)
 
     def get_state(self) -> dict:
         return {"runs": self.runs}
