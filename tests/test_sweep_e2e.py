@@ -49,6 +49,9 @@ def test_mlflow_has_parent_and_one_child_per_trial(sweep):
         assert f"{d}.test_acc" in parents[0].data.metrics
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
     assert "results.parquet" in artifacts and "heatmaps" in artifacts
+    # Tune reused worker processes: at most two trials run at once, so fewer processes than trials
+    pids = {r.data.tags["diffsweep.pid"] for r in children}
+    assert len(pids) < len(children), pids
 
 
 def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
