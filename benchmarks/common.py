@@ -45,15 +45,16 @@ def dataset(name: str = "digits", limit: int | None = None, val_limit: int | Non
     return DatasetSpec(name, None, val_fraction, limits, False, (), seed)
 
 
-def request(backbone_spec, dataset_spec, split: str, ts, blocks, max_spatial: int = 16, noise_seed: int = 0):
-    """A FeatureRequest computed in this process (its numeric path is this machine's)."""
+def request(backbone_spec, dataset_spec, split: str, ts, blocks, max_spatial: int = 16, noise_seed: int = 0,
+            numeric: str | None = None):
+    """A FeatureRequest computed in this process (its numeric path: this machine's default, or `numeric`)."""
     import torch
 
     from trials.features import FeatureRequest, numeric_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return FeatureRequest(backbone_spec, dataset_spec, split, tuple(ts), tuple(blocks), noise_seed, max_spatial,
-                          numeric_path(device))
+                          numeric or numeric_path(device))
 
 
 def fill_store(backbone_spec, dataset_spec, ts, blocks, store_root: str, splits=("train", "val"),

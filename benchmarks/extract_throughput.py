@@ -38,6 +38,7 @@ and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in 
     python benchmarks/extract_throughput.py --batch 64 --compile            # on a GPU machine
     python benchmarks/extract_throughput.py --checkpoint 256x256_diffusion_uncond.pt
     .venv/bin/python benchmarks/extract_throughput.py --end-to-end --cpu-small
+    .venv/bin/python benchmarks/extract_throughput.py --end-to-end --cpu-small --numeric cpu-bf16
     python benchmarks/extract_throughput.py --end-to-end --batch 64 --compile   # on a GPU machine
 """
 
@@ -188,14 +189,15 @@ def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: fl
         root = args.root or str(synthetic_jpegs(Path(tempfile.mkdtemp(prefix="e2e-jpegs-")), args.images))
         spec = DatasetSpec("imagefolder", root, 0.01, (("test", batch), ("train", args.images)), seed=0)
         split, warm_split = "train", "test"
-    req = common.request(bb, spec, split, (args.t,), (block,), args.max_spatial)
+    req = common.request(bb, spec, split, (args.t,), (block,), args.max_spatial, numeric=args.numeric)
     samples = req.samples()
     n = len(samples)
     cfg = model.config
     with tempfile.TemporaryDirectory(prefix="e2e-store-") as store:
         options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
         t0 = time.perf_counter()
-        fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial), options,
+        fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial, numeric=args.numeric),
+                     options,
                      device=device)  # builds (and compiles) this worker's extractor once
         warm = time.perf_counter() - t0
         stats = fill_request(req, options, device=device)
@@ -232,7 +234,8 @@ def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: fl
 
     def shares(d: dict, wall: float) -> str:
         return ", ".join(f"{k} {v:.2f}s ({100 * v / wall:.0f}%)" for k, v in d.items())
-    print(f"end to end, {n} images ({spec.name} {split}), block {block}, t={args.t}, batch {batch}:")
+    print(f"end to end, {n} images ({spec.name} {split}), block {block}, t={args.t}, batch {batch}, "
+          f"store fill numeric path {req.numeric}:")
     print(f"(a) paper's path (decode, fresh noise, full forward + hook, to host): {paper:9.1f} images/s, "
           f"{paper_seconds:.2f}s; stages: {shares(stages, paper_seconds)}")
     print(f"(b) store fill (fill_request: decode + noise ahead in a thread, forward, pool, fp16, write behind): "
@@ -275,6 +278,9 @@ def main() -> None:
                     help="torch.compile the capture, optionally with a mode (reduce-overhead = CUDA graphs); "
                          "the warm-up includes the compile")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
+    ap.add_argument("--numeric", default=None, choices=("cpu-fp32", "cpu-bf16", "cuda-bf16"),
+                    help="--end-to-end: the store fill's numeric path (store.numeric; default this device's: "
+                         "cpu-fp32 / cuda-bf16); the paper's path stays fp32 on a CPU")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also time the store fill itself against the paper's path on the same images")
     ap.add_argument("--images", type=int, default=None, help="--end-to-end: images (default 2048 CPU, 2048 GPU)")

@@ -73,6 +73,7 @@ class Classifier(nn.Module):
         self.maps = [tuple(int(v) for v in m) for m in f["maps"]]
         self.noise_seed, self.max_spatial = int(f["noise_seed"]), int(f["max_spatial"])
         self.noise_draws = int(f.get("noise_draws", 1))  # exports from before noise ensembles: one draw
+        self.numeric = f.get("numeric")  # the sweep's features' path (cpu-bf16 runs bf16 on a CPU here too)
         self.image_size = int(f["preprocessing"]["image_size"])
         self.channels = int(f["preprocessing"]["channels"])
         self.classes: list[str] = list(self.config["dataset"]["classes"])
@@ -189,7 +190,8 @@ class Classifier(nn.Module):
         captured = {}
         for t, blocks in by_t.items():
             for b, m in extract_batch(self.backbone, x, ids, t, blocks, self.noise_seed, self.max_spatial,
-                                      self.spec.schedule, y=y, draws=self.noise_draws).items():
+                                      self.spec.schedule, y=y, draws=self.noise_draws,
+                                      numeric=self.numeric).items():
                 captured[(t, b)] = m
         head_device = next(self.head.parameters()).device
         maps = [torch.from_numpy(captured[m]).float().to(head_device) for m in self.maps]

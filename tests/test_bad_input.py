@@ -54,6 +54,9 @@ CASES = {
         linear={"lrr": [0.01]})), "linear.lrr: head 'linear' has no parameter 'lrr'"),
     "head parameter value": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"]["head"].update(
         mixing={"classifier": ["linear", "conv"]})), "space.head.mixing: {'classifier': 'conv'} does not build"),
+    "cpu numeric path on GPUs": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
+        store={**s["store"], "numeric": "cpu-bf16"}, resources={"extract_gpu": 1})),
+        "store.numeric: cpu-bf16 is computed on CPUs, but resources.extract_gpu"),
     "warm start key": (lambda tmp: edit(tiny_space(tmp), lambda s: s["search"].update(warm_start=[
         {"head": "linear", "t": 10, "block": 4, "pool": 1, "linear.lrr": 0.01}])),
         "search.warm_start[0].linear.lrr: not a parameter"),

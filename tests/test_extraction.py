@@ -175,6 +175,34 @@ def test_numeric_path_is_part_of_the_key_and_a_worker_refuses_another_path(tmp_p
     assert not FeatureStore(str(tmp_path)).has(gpu.key(10, 4))
 
 
+def test_cpu_bf16_features_have_their_own_key_are_close_to_fp32_and_match_the_predict_path(tmp_path):
+    """`store.numeric: cpu-bf16`: bf16 autocast on a CPU is another arithmetic, so another key; its maps
+    stay close to fp32's (cosine per image), and predict / evaluate (`extract_batch` with the export's
+    numeric) compute the same numbers as the fill."""
+    from dataclasses import replace
+
+    import torch
+
+    from trials.datasets.preprocess import iter_batches
+    from trials.features import extract_batch, load_backbone
+
+    fp32 = request(blocks=(8,))
+    bf16 = replace(fp32, numeric="cpu-bf16")
+    assert bf16.key(10, 8).digest != fp32.key(10, 8).digest and bf16.group != fp32.group
+    for r in (fp32, bf16):
+        fill_request(r, FillOptions(str(tmp_path), batch_size=64), device="cpu")
+    store = FeatureStore(str(tmp_path))
+    a = store.read(fp32.key(10, 8)).take(np.arange(64)).astype(np.float32).reshape(64, -1)
+    b = store.read(bf16.key(10, 8)).take(np.arange(64)).astype(np.float32).reshape(64, -1)
+    assert not np.array_equal(a, b)  # bf16 arithmetic really ran
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999, cos.min()
+    x, batch = next(iter_batches(bf16.samples()[:64], 28, 1, 64))
+    direct = extract_batch(load_backbone(BACKBONE), torch.from_numpy(x), [s.image_id for s in batch], 10, [8], 0, 16,
+                           numeric="cpu-bf16")[8].astype(np.float32).reshape(64, -1)
+    assert np.abs(direct - b).max() <= np.abs(a - b).max() / 4  # the bf16 path, not fp32's
+
+
 def test_noise_ensemble_is_one_batched_pass_and_matches_the_predict_path(tmp_path):
     """A k-draw feature: its own key, the mean over k seeded ε (draw 0 is the one-draw feature's ε),
     the same numbers from the store fill and from `extract_batch` (predict / evaluate)."""

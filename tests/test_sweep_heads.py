@@ -61,10 +61,12 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path):
     assert (tmp_path / "exported" / "digits_mixing_weights.png").is_file()
 
 
-def test_a_mixing_winner_of_two_noise_draws_exports_and_evaluates_to_its_own_accuracy(ray_local, tmp_path, capsys):
-    """The export of a mixing head (attention classifier) on k=2 features rebuilds the same head from
-    its YAML (its (t, block) labels, hence its per-block bottlenecks) and the same k-draw features:
-    `diffsweep evaluate` gives the test accuracy the sweep reported."""
+def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_own_accuracy(ray_local, tmp_path,
+                                                                                            capsys):
+    """The export of a mixing head (attention classifier) on k=2 features made with `store.numeric:
+    cpu-bf16` rebuilds the same head from its YAML (its (t, block) labels, hence its per-block
+    bottlenecks) and the same features (k draws, bf16 arithmetic): `diffsweep evaluate` gives the test
+    accuracy the sweep reported."""
     heads = {"mixing": {"dim": [16], "side": [4], "classifier": ["attention"]}}
     space = tiny_space(tmp_path, name="mixing-export", heads=heads, sampler="grid",
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300, "test": 200}}],
@@ -72,12 +74,14 @@ def test_a_mixing_winner_of_two_noise_draws_exports_and_evaluates_to_its_own_acc
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(pool=[1], noise_draws=[2])
+    spec["store"]["numeric"] = "cpu-bf16"
     space.write_text(yaml.safe_dump(spec))
     assert main(["run", str(space)]) == 0
     exported = tmp_path / "exported" / "digits.yaml"
     doc = yaml.safe_load(exported.read_text())
     assert doc["head"]["type"] == "mixing" and doc["head"]["hparams"]["classifier"] == "attention"
     assert doc["features"]["noise_draws"] == 2 and len(doc["features"]["maps"]) == 4
+    assert doc["features"]["numeric"] == "cpu-bf16"
     stems = [p.name for p in (tmp_path / "features").rglob("*.arrow")]
     assert stems and all("_k2_" in n for n in stems)  # k is in the key (k=1 keys keep their names: test_store)
     capsys.readouterr()

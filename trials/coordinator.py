@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from trials.features import (ExtractStats, FeatureRequest, FillOptions, extraction_memory_bytes, fill_part,
-                             fill_request, numeric_path, plan_parts)
+from trials.features import (ExtractStats, FeatureRequest, FillOptions, computes, extraction_memory_bytes,
+                             fill_part, fill_request, plan_parts)
 from trials.pooled import build_pooled, pooled_side
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureStore
 
@@ -162,7 +162,7 @@ def ensure_in_trial(coordinator, request: FeatureRequest, options: FillOptions, 
         fill_request(request, options, verify=True, device=device)
         return
     while request.missing(store, verify=True):
-        if numeric_path(device) != request.numeric:
+        if not computes(request.numeric, device):
             ray.get(coordinator.fill.remote(request, options))
             continue
         lease = _Leased(coordinator, request.group)

@@ -55,18 +55,20 @@ class DeviceCapture:
     `torch.compile` (one graph for the batch shape, reused by every later batch), cuDNN autotuning
     of the convolutions, inputs copied from pinned host memory without blocking, and maps pooled and
     cast to fp16 on the GPU so only the small stored feature crosses back, asynchronously
-    (`submit` returns at once; `Captured.result()` waits). On the CPU it is fp32 `capture_blocks`,
-    compiled when asked.
+    (`submit` returns at once; `Captured.result()` waits). On the CPU it is fp32 `capture_blocks`
+    (bf16 autocast with `bf16=True`: oneDNN's bf16 convolutions, AMX where the CPU has it), compiled
+    when asked.
     With `rows` set (the fill does so when compiled), smaller batches are padded to `rows` so the
     compiled graph is never rebuilt for a short last batch.
     Returns {block: fp16 tensor on the host}.
     """
 
     def __init__(self, model: UNetModel, blocks: list[int] | tuple[int, ...], pool: int | None = None,
-                 compile: bool | str = False, rows: int | None = None):
+                 compile: bool | str = False, rows: int | None = None, bf16: bool | None = None):
         self.model, self.blocks, self.pool, self.rows = model, tuple(blocks), pool, rows
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
+        self.bf16 = self.cuda if bf16 is None else bool(bf16)  # bf16 autocast: always on CUDA, asked on a CPU
         self.compiled = bool(compile)
         if self.cuda:
             model.to(memory_format=torch.channels_last)
@@ -78,7 +80,7 @@ class DeviceCapture:
             self._capture = torch.compile(self._eager, mode=None if compile is True else compile, dynamic=False)
 
     def _eager(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             maps = capture_blocks(self.model, xt, t, self.blocks, y=y, pool=self.pool)
         return {b: m.to(torch.float16) for b, m in maps.items()}
 
@@ -116,16 +118,16 @@ _CAPTURES_LOCK = threading.Lock()
 
 
 def cached_capture(model: UNetModel, blocks, pool: int | None = None, compile: bool | str = False,
-                   rows: int | None = None) -> DeviceCapture:
-    """One `DeviceCapture` per (model, blocks, pool, compile mode, batch shape) in this process, kept
-    across batches, parts and keys, so a compiled graph is built once per worker and reused."""
-    key = (id(model), tuple(sorted(set(int(b) for b in blocks))), pool, compile, rows if compile else None)
+                   rows: int | None = None, bf16: bool | None = None) -> DeviceCapture:
+    """One `DeviceCapture` per (model, blocks, pool, compile mode, batch shape, arithmetic) in this
+    process, kept across batches, parts and keys, so a compiled graph is built once per worker and reused."""
+    key = (id(model), tuple(sorted(set(int(b) for b in blocks))), pool, compile, rows if compile else None, bf16)
     with _CAPTURES_LOCK:
         capture = _CAPTURES.get(key)
         if capture is not None and capture.model is model:
             _CAPTURES.move_to_end(key)
             return capture
-        capture = DeviceCapture(model, key[1], pool=pool, compile=compile, rows=key[4])
+        capture = DeviceCapture(model, key[1], pool=pool, compile=compile, rows=key[4], bf16=bf16)
         _CAPTURES[key] = capture
         while len(_CAPTURES) > 8:
             _CAPTURES.popitem(last=False)

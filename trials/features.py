@@ -89,10 +89,22 @@ def preprocessing(model_flags: dict[str, Any]) -> dict[str, Any]:
             "resize": "shorter-side bicubic + center crop", "range": "[-1, 1]"}
 
 
+NUMERIC_PATHS = ("cpu-fp32", "cpu-bf16", "cuda-bf16")
+
+
 def numeric_path(device: str | torch.device) -> str:
-    """The arithmetic `DeviceCapture` uses on `device` (fp32 on a CPU; bf16 autocast, cuDNN autotune
-    on CUDA). It is part of every feature key: the two paths do not give the same numbers."""
+    """The arithmetic `DeviceCapture` uses on `device` by default (fp32 on a CPU; bf16 autocast, cuDNN
+    autotune on CUDA). It is part of every feature key: the paths do not give the same numbers."""
     return "cuda-bf16" if torch.device(device).type == "cuda" else "cpu-fp32"
+
+
+def computes(numeric: str, device: str | torch.device) -> bool:
+    """Whether a worker on `device` computes features of this numeric path (a CPU: either CPU path)."""
+    return numeric.split("-")[0] == torch.device(device).type
+
+
+def uses_bf16(numeric: str) -> bool:
+    return numeric.endswith("-bf16")
 
 
 def class_labels(spec: BackboneSpec, n: int, device) -> torch.Tensor | str | None:
@@ -189,13 +201,17 @@ def _stored(store: FeatureStore, key: FeatureKey, verify: bool) -> bool:
 @torch.no_grad()
 def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: int, blocks: list[int],
                   noise_seed: int, max_spatial: int, schedule: str = "linear",
-                  y: torch.Tensor | str | None = None, draws: int = 1) -> dict[int, np.ndarray]:
+                  y: torch.Tensor | str | None = None, draws: int = 1,
+                  numeric: str | None = None) -> dict[int, np.ndarray]:
     """Noise `x` (pixels in [-1, 1]) to step t with per-image seeded ε, capture blocks, pool to at
-    most max_spatial², and round to fp16 as stored; with `draws` > 1, the mean over that many ε."""
+    most max_spatial², and round to fp16 as stored; with `draws` > 1, the mean over that many ε.
+    `numeric`: the features' path (a sweep's `store.numeric`); on a CPU, cpu-bf16 runs bf16 autocast,
+    anything else fp32; CUDA always runs its bf16 fast path."""
     device = next(model.parameters()).device
     noise = seeded_noise_batch(tuple(x.shape[1:]), noise_seed, image_ids, (t,), pin_memory=device.type == "cuda",
                                draws=draws)
-    capture = cached_capture(model, blocks, pool=max_spatial)  # the CUDA fast path when on a GPU
+    bf16 = True if device.type == "cuda" else numeric == "cpu-bf16"
+    capture = cached_capture(model, blocks, pool=max_spatial, bf16=bf16)  # the CUDA fast path when on a GPU
     if torch.is_tensor(y) and draws > 1:
         y = y.repeat(draws)
     maps = capture(noised_rows(to_device(x, device), to_device(noise, device), (t,), schedule), t, y=y)
@@ -331,7 +347,7 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
     compiled, extractor; a writer thread writes batch i-1. At most a few batches are held."""
     request = job.request
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if numeric_path(device) != request.numeric:
+    if not computes(request.numeric, device):
         raise RuntimeError(f"request for {request.numeric} features, but this worker computes "
                            f"{numeric_path(device)} on {device}")
     cuda = torch.device(device).type == "cuda"
@@ -342,7 +358,8 @@ def fill_part(job: PartJob, device: str | None = None, on_batch: Callable[[int],
     shapes = request.shapes()
     rows = job.options.batch_size
     compile_ = cuda if job.options.compile is None else job.options.compile
-    capture = cached_capture(model, request.blocks, pool=request.max_spatial, compile=compile_, rows=rows)
+    capture = cached_capture(model, request.blocks, pool=request.max_spatial, compile=compile_, rows=rows,
+                             bf16=uses_bf16(request.numeric))
     provenance = {"checkpoint": request.backbone.checkpoint, "arch": request.backbone.arch,
                   "class_label": request.backbone.class_label, "shard": [job.start, job.stop], "created": time.time()}
     writers = {(t, b): store.part_writer(request.key(t, b), job.part, job.num_parts,
