@@ -89,9 +89,6 @@ def preprocessing(model_flags: dict[str, Any]) -> dict[str, Any]:
             "resize": "shorter-side bicubic + center crop", "range": "[-1, 1]"}
 
 
-NUMERIC_PATHS = ("cpu-fp32", "cpu-bf16", "cuda-bf16")
-
-
 def numeric_path(device: str | torch.device) -> str:
     """The arithmetic `DeviceCapture` uses on `device` by default (fp32 on a CPU; bf16 autocast, cuDNN
     autotune on CUDA). It is part of every feature key: the paths do not give the same numbers."""
@@ -210,7 +207,7 @@ def extract_batch(model: UNetModel, x: torch.Tensor, image_ids: list[str], t: in
     device = next(model.parameters()).device
     noise = seeded_noise_batch(tuple(x.shape[1:]), noise_seed, image_ids, (t,), pin_memory=device.type == "cuda",
                                draws=draws)
-    bf16 = True if device.type == "cuda" else numeric == "cpu-bf16"
+    bf16 = device.type == "cuda" or uses_bf16(numeric or "")
     capture = cached_capture(model, blocks, pool=max_spatial, bf16=bf16)  # the CUDA fast path when on a GPU
     if torch.is_tensor(y) and draws > 1:
         y = y.repeat(draws)
