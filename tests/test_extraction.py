@@ -234,3 +234,14 @@ def test_noise_ensemble_is_one_batched_pass_and_matches_the_predict_path(tmp_pat
     np.testing.assert_allclose(direct.astype(np.float32), k2, atol=2e-3)
     one = extract_batch(model, torch.from_numpy(x), [s.image_id for s in batch], 10, [4], 0, 16)[4]
     np.testing.assert_allclose(one.astype(np.float32), k1, atol=2e-3)
+
+
+def test_one_cached_extractor_per_arithmetic():
+    """The benchmark asks for the device's default (bf16=None), the fill for its path (bf16=False on a
+    CPU fp32 path): the same extractor, so a compile is paid once; bf16 is another one."""
+    from trials.extract import cached_capture
+    from trials.features import load_backbone
+
+    model = load_backbone(BACKBONE)
+    assert cached_capture(model, [8], pool=16) is cached_capture(model, [8], pool=16, bf16=False)
+    assert cached_capture(model, [8], pool=16, bf16=True) is not cached_capture(model, [8], pool=16)

@@ -121,7 +121,9 @@ def cached_capture(model: UNetModel, blocks, pool: int | None = None, compile: b
                    rows: int | None = None, bf16: bool | None = None) -> DeviceCapture:
     """One `DeviceCapture` per (model, blocks, pool, compile mode, batch shape, arithmetic) in this
     process, kept across batches, parts and keys, so a compiled graph is built once per worker and reused."""
-    key = (id(model), tuple(sorted(set(int(b) for b in blocks))), pool, compile, rows if compile else None, bf16)
+    if bf16 is None:  # the device's default, resolved before keying: None and its value are one extractor
+        bf16 = next(model.parameters()).device.type == "cuda"
+    key = (id(model), tuple(sorted(set(int(b) for b in blocks))), pool, compile, rows if compile else None, bool(bf16))
     with _CAPTURES_LOCK:
         capture = _CAPTURES.get(key)
         if capture is not None and capture.model is model:
