@@ -115,7 +115,8 @@ def bounded_http() -> Iterator[None]:
 
 class MlflowTrialCallback(Callback):
     """One child run per Tune trial: params = its config, per-epoch metrics at step=epoch, and the
-    tag `diffsweep.status` in {completed, pruned, failed}. A resumed trial continues its own run.
+    tag `diffsweep.status` in {completed, pruned, failed}. A resumed trial continues its own run; the
+    run of a trial a resume no longer has is closed as KILLED with the status `abandoned`.
 
     Each trial has its own ordered backlog of calls. When the server is down, the calls wait there; the
     next event delivers them in order: first the trial's run (found by its `diffsweep.trial_id` tag,
@@ -295,6 +296,23 @@ class MlflowTrialCallback(Callback):
         # outage still gets their runs once the server is back (measured: all five trials of a test sweep
         # ended while a restarted server was still starting).
         self._flush(bounded=False)
+        self._close_abandoned({t.trial_id for t in trials})
+
+    def _close_abandoned(self, trial_ids: set[str]) -> None:
+        """Mark KILLED the child runs of trials the sweep no longer has. A driver killed after a trial
+        started but before Tune's next experiment snapshot leaves that trial's run behind, and `resume`
+        does not know the trial (its searcher suggests a new one): the run would stay RUNNING forever."""
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+                                                    f"and attributes.status = 'RUNNING'")
+            for run in runs:
+                trial_id = run.data.tags.get("diffsweep.trial_id")
+                if trial_id and trial_id not in trial_ids:
+                    self.client.set_tag(run.info.run_id, STATUS_TAG, "abandoned")
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+        except Exception as e:  # noqa: BLE001 - bookkeeping; never fatal
+            log.warning("MLflow: could not close the runs of abandoned trials (%s)", str(e)[:120])
 
     def get_state(self) -> dict:
         return {"runs": self.runs}

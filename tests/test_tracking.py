@@ -87,6 +87,24 @@ def test_outage_at_a_trials_start_makes_one_run_and_loses_no_epoch(tmp_path, mon
     assert kids[0].data.params["head"] == "linear" and kids[0].data.tags["diffsweep.status"] == "completed"
 
 
+def test_a_trial_the_resumed_sweep_no_longer_has_is_closed_as_abandoned(tmp_path):
+    """A driver killed between a trial's start and Tune's next snapshot: resume never sees that trial."""
+    uri, parent, first = sweep_callback(tmp_path, "orphan")
+    kept, lost = trial("k1"), trial("l1")
+    for t in (kept, lost):
+        first.on_trial_start(0, [], t)  # the first driver made both runs, then died
+    resumed = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
+    resumed.on_trial_start(0, [], kept)
+    resumed.on_trial_result(0, [], kept, {"epoch": 3, "val_acc": 0.5})
+    resumed.on_trial_complete(0, [], kept)
+    resumed.on_experiment_end([kept])
+    client = MlflowClient(uri)
+    runs = {r.data.tags["diffsweep.trial_id"]: r for r in client.search_runs([parent.experiment_id])
+            if "diffsweep.trial_id" in r.data.tags}
+    assert runs["l1"].info.status == "KILLED" and runs["l1"].data.tags["diffsweep.status"] == "abandoned"
+    assert runs["k1"].info.status == "FINISHED" and runs["k1"].data.tags["diffsweep.status"] == "completed"
+
+
 def test_a_restored_tuner_pickle_brings_back_the_resuming_drivers_callback(tmp_path):
     """Tuner.restore unpickles the first run's callback from tuner.pkl; it must become the new one."""
     from ray import cloudpickle
