@@ -130,7 +130,8 @@ def cmd_train_ddpm(args) -> int:
     cfg = DDPMTrainConfig(dataset=args.dataset, arch=args.arch, out=args.out, root=args.root, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
                           compile=args.compile, bf16=args.bf16, max_minutes=args.max_minutes,
-                          init_from=args.init_from)
+                          init_from=args.init_from,
+                          **({"samples": args.samples} if args.samples is not None else {}))
     out = train_ddpm(cfg)
     print(f"checkpoint: {out}  (sidecar {Path(out).with_suffix('.json')})")
     return 0
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this much training time; the sidecar records the steps done")
     s.add_argument("--init-from", help="continue training from this checkpoint's weights (fresh optimizer); "
                                        "the sidecar records it and the steps in total")
+    s.add_argument("--samples", type=int,
+                   help="images in the DDIM sample grid written beside the final checkpoint (default 64; 0: none)")
     s.set_defaults(func=cmd_train_ddpm)
 
     from orchestrator.cka_cli import add_cka_parser

@@ -47,8 +47,11 @@ def test_time_limit_stops_early_and_records_the_steps_done(tmp_path):
 
 def test_cli_trains_and_reports_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
-    assert main(["train-ddpm", "--dataset", "digits", "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    # --samples 0: no sample grid (test_train_writes_a_loadable_checkpoint_and_resumes checks the grid)
+    assert main(["train-ddpm", "--dataset", "digits", "--steps", "2", "--batch-size", "4", "--samples", "0",
+                 "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out and out.is_file()
+    assert not out.with_suffix(".samples.png").exists()
 
 
 def test_bf16_autocast_runs_the_unet_in_bf16_on_the_cpu_and_keeps_the_loss_close():
@@ -73,7 +76,7 @@ def test_bf16_autocast_runs_the_unet_in_bf16_on_the_cpu_and_keeps_the_loss_close
 def test_cli_bf16_trains_and_the_sidecar_command_repeats_it(tmp_path):
     out = tmp_path / "bf16.safetensors"
     assert main(["train-ddpm", "--dataset", "digits", "--steps", "2", "--batch-size", "4", "--bf16",
-                 "--out", str(out)]) == 0
+                 "--samples", "0", "--out", str(out)]) == 0
     side = json.loads(out.with_suffix(".json").read_text())
     assert " --bf16 " in side["command"] and side["train_config"]["bf16"] is True
     assert np.isfinite(torch.load(out.with_suffix(".resume.pt"), weights_only=True)["losses"]).all()
