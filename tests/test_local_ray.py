@@ -97,14 +97,13 @@ def test_a_stale_local_cluster_address_starts_a_fresh_instance(tmp_path):
     ray_tmp = _private_tmp("dss-")
     env = _env(ray_tmp)
     try:
-        head, address = start_head(ray_tmp, env, tmp_path / "ray_start.log")
-        os.killpg(head.pid, signal.SIGKILL)  # killed without `ray stop`: its address file stays behind
-        head.wait()
-        kill_everything_under(ray_tmp)  # and every process of that head, wherever it was parented
-        deadline = time.monotonic() + 20
-        while answers(address) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip() == address
+        # what a head killed without `ray stop` leaves: its address in ray_current_cluster, where
+        # `ray start` wrote it, and nothing listening there any more (a free port). Killing a real
+        # head gives the same state (measured before: the file stays, the address stops answering)
+        # and cost this suite a whole `ray start`.
+        address = f"127.0.0.1:{_free_ports(1)[0]}"
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(address + "\n")
         assert not answers(address)
         rc, output = run_driver(tmp_path, env)
     finally:

@@ -2,7 +2,6 @@
 after that choice is made. Real Ray Tune, real MLflow, real Optuna, real data (no mocks)."""
 
 import re
-import time
 
 import pandas as pd
 import pytest
@@ -11,7 +10,6 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Result
 
 from orchestrator.select import results_table, select_best
-from tests.spaces import tiny_space
 
 MAX_T = 3
 SPACE_BLOCKS = (4, 8)  # tests/spaces.py tiny_space
@@ -60,21 +58,14 @@ def test_select_best_takes_the_best_completed_trial_and_never_a_pruned_or_failed
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, tmp_path_factory):
-    import diffsweep
-
-    tmp = tmp_path_factory.mktemp("select")
-    space = tiny_space(tmp, name="select", datasets=[{"name": "digits", "val_fraction": 0.15,
-                                                      "limit": {"train": 600}}])
-    assert not (tmp / "features").exists()  # an empty store: every feature file below is made by this sweep
-    before = time.time_ns()
-    outcome = diffsweep.run(space)
-    return tmp, outcome, before
+def sweep(shared_sweep):
+    """The suite's shared sweep (tests/conftest.py): `diffsweep.run` from an empty store."""
+    return shared_sweep.folder, shared_sweep.selected, shared_sweep.started_ns, shared_sweep.datasets
 
 
 def _children(tmp):
     client = MlflowClient(f"sqlite:///{tmp / 'mlruns.db'}")
-    exp = client.get_experiment_by_name("select")
+    exp = client.get_experiment_by_name("shared")
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("diffsweep.role") == "parent")
     return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -85,9 +76,9 @@ def test_a_real_sweep_selects_the_best_completed_trial(sweep):
     """Recomputed independently of select.py, from the MLflow store the sweep wrote: per dataset, the
     final-epoch val_acc of every child run tagged completed; the winner must hold the maximum, be one
     of the trials holding it, and be the trial the exported YAML names."""
-    tmp, outcome, _ = sweep
+    tmp, selected, _, datasets = sweep
     client, _, children = _children(tmp)
-    assert len(children) == 6
+    assert len(children) == 6 * len(datasets)
     best: dict[str, float] = {}
     holders: dict[str, set] = {}
     for r in children:
@@ -103,8 +94,8 @@ def test_a_real_sweep_selects_the_best_completed_trial(sweep):
             best[d], holders[d] = final.value, {key}
         elif final.value == best[d]:
             holders[d].add(key)
-    assert sorted(outcome.selected) == sorted(best) == ["digits"]
-    for d, won in outcome.selected.items():
+    assert sorted(selected) == sorted(best) == sorted(datasets)
+    for d, won in selected.items():
         assert won["val_acc"] == pytest.approx(best[d], abs=1e-9)
         assert (won["head"], won["t"], won["block"], won["pool"]) in holders[d]
         doc = yaml.safe_load(open(won["yaml"]))
@@ -127,12 +118,12 @@ def test_no_test_split_feature_exists_before_the_selection(sweep):
     mtimes from a coarse clock (a few ms behind time.time()); between the last trial's end and the
     first test write the driver builds the results table, plots and logs heatmaps and launches an
     extraction, far more than that."""
-    tmp, outcome, before = sweep
+    tmp, selected, before, _ = sweep
     _, _, children = _children(tmp)
     last_trial_end_ns = max(r.info.end_time for r in children) * 1_000_000
     assert all(r.info.end_time for r in children)
     store = tmp / "features"
-    for d, won in outcome.selected.items():
+    for d, won in selected.items():
         val_files = [p for p in (store / d / "val").rglob("*") if p.is_file()]
         test_files = [p for p in (store / d / "test").rglob("*") if p.is_file()]
         assert val_files and test_files

@@ -11,27 +11,20 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator.cli import main
-from tests.conftest import fashion_mnist_available
-from tests.spaces import tiny_space
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sweep")
-    datasets = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 800}}]
-    if fashion_mnist_available():
-        datasets.append({"name": "fashion_mnist", "limit": {"train": 400, "val": 150, "test": 200}})
-    space = tiny_space(tmp, datasets=datasets)
-    assert main(["run", str(space)]) == 0
-    return tmp, space, [d["name"] for d in datasets]
+def sweep(shared_sweep):
+    """The suite's shared sweep (tests/conftest.py): digits and, when installed, Fashion-MNIST."""
+    return shared_sweep.folder, shared_sweep.space, shared_sweep.datasets
 
 
 def test_mlflow_has_parent_and_one_child_per_trial(sweep):
     tmp, _, datasets = sweep
     client = MlflowClient(f"sqlite:///{tmp / 'mlruns.db'}")
-    exp = client.get_experiment_by_name("tiny")
+    exp = client.get_experiment_by_name("shared")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("diffsweep.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
@@ -59,7 +52,7 @@ def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
     import glob
     import pickle
     # the searcher's own checkpoint holds the studies (in-memory storage)
-    ckpt = sorted(glob.glob(str(tmp / "ray" / "tiny" / "searcher-state-*.pkl")))
+    ckpt = sorted(glob.glob(str(tmp / "ray" / "shared" / "searcher-state-*.pkl")))
     assert ckpt, "Tune saved no searcher state"
     state = pickle.load(open(ckpt[-1], "rb"))
     studies = state["studies"] if "studies" in state else state["searcher"].studies
@@ -105,7 +98,7 @@ def test_export_evaluate_and_predict(sweep, tmp_path):
 
 def test_status_lists_trials(sweep, capsys):
     tmp, _, datasets = sweep
-    assert main(["status", "tiny", "--storage-path", str(tmp / "ray"), "--json"]) == 0
+    assert main(["status", "shared", "--storage-path", str(tmp / "ray"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 6 * len(datasets)
     assert {r["state"] for r in rows} <= {"COMPLETED", "PRUNED", "ERROR"}
