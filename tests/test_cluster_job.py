@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.spaces import tiny_space
-from tests.test_cluster_run import (BIN, EXCLUDES, NUM_SAMPLES, ROOT, _env, _private_tmp, _start_head,
+from tests.test_cluster_run import (BIN, DIGITS, EXCLUDES, NUM_SAMPLES, ROOT, _env, _private_tmp, _start_head,
                                     _stop_head)
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.network
 def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path):
-    space = tiny_space(tmp_path, num_samples=NUM_SAMPLES)
+    space = tiny_space(tmp_path, num_samples=NUM_SAMPLES, datasets=DIGITS)
     ray_tmp = _private_tmp("dsj-")
     env = _env(ray_tmp)
     t0 = time.monotonic()

@@ -45,6 +45,8 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 NUM_SAMPLES = 4
+# a digits subset: these tests are about where the sweep runs, not how much it extracts
+DIGITS = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}]
 # what `--working-dir` must not upload (Ray also skips what .gitignore lists, and .git/.venv by default)
 EXCLUDES = [".venv", "runs", ".git", "*.arrow", "mlruns", "mlruns.db", "exported", "*.resume.pt", "__pycache__",
             "*.egg-info", ".pytest_cache"]
@@ -114,7 +116,7 @@ def multinode_sweep(tmp: Path) -> dict:
         workers = {name: cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=store)
                    for name in ("worker_a", "worker_b")}
         cluster.wait_for_nodes()
-        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES))  # all paths in tmp: shared by construction
+        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES, datasets=DIGITS))  # all paths in tmp: shared by construction
         outcome = run_sweep(cfg, address=cluster.address)
         return {"head": cluster.head_node.node_id,
                 "workers": {name: node.node_id for name, node in workers.items()},
