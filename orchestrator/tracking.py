@@ -296,7 +296,8 @@ class MlflowTrialCallback(Callback):
         # outage still gets their runs once the server is back (measured: all five trials of a test sweep
         # ended while a restarted server was still starting).
         self._flush(bounded=False)
-        self._close_abandoned({t.trial_id for t in trials})
+        if not any(self.backlog.values()):  # the server answered: closing orphans costs no second wait
+            self._close_abandoned({t.trial_id for t in trials})
 
     def _close_abandoned(self, trial_ids: set[str]) -> None:
         """Mark KILLED the child runs of trials the sweep no longer has. A driver killed after a trial
