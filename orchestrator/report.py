@@ -93,9 +93,9 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
         error = None
         # the copy in the sweep's storage (trial.path): `trial.error_file` is the driver's staging
         # copy, whose path needs a live Ray session, and `diffsweep status` runs in a fresh shell
-        log_file = Path(trial.path) / "error.txt" if trial.path else None
+        from orchestrator.select import error_line, error_log
+        log_file = error_log(trial.path) if trial.path else None
         if log_file is not None and log_file.is_file():
-            from orchestrator.select import error_line
             error = error_line(log_file.read_text())
         rows.append({"trial_id": trial.trial_id, "state": state,
                      "config": {k: v for k, v in trial.config.items()}, "best_val_acc": best,

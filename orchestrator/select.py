@@ -47,9 +47,14 @@ def results_table(grid, max_t: int) -> pd.DataFrame:
             "map_weights": metrics.get("map_weights"),  # JSON [[t, block, weight], ...] from a mixing head
             "checkpoint": _checkpoint_uri(result.checkpoint),
             "error": error_line(result.error),
-            "log": str(Path(result.path) / "error.txt") if result.error is not None and result.path else None,
+            "log": str(error_log(result.path)) if result.error is not None and result.path else None,
         })
     return pd.DataFrame(rows)
+
+
+def error_log(trial_path: str) -> Path:
+    """Where Tune keeps a failed trial's full traceback in the sweep's storage (readable without Ray)."""
+    return Path(trial_path) / "error.txt"
 
 
 def error_line(error) -> str | None:
