@@ -166,6 +166,9 @@ class Search(Strict):
     asha: Asha | None = Asha()
     warm_start: list[dict[str, Any]] = []
     optuna_storage: str | None = None  # e.g. sqlite:///optuna.db, to inspect with optuna-dashboard
+    # Tune's FailureConfig: restarts of a failed trial from its last checkpoint (a killed worker, a lost
+    # node); -1 retries forever, 0 fails a trial at its first error
+    max_failures: int = Field(3, ge=-1)
 
 
 class Training(Strict):

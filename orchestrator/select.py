@@ -114,7 +114,8 @@ def restore_trainer(setup, row: pd.Series, arrays):
 
     config = row_config(row)
     num_classes = len(dataset_splits(setup.datasets[row["dataset"]])[0])
-    trainer = HeadTrainer(row["head"], head_hparams(config), arrays, num_classes, setup.recipe, setup.seed)
+    trainer = HeadTrainer(row["head"], head_hparams(config), arrays, num_classes, setup.recipe, setup.seed,
+                          trainable=False)
     from ray.tune import Checkpoint
 
     with Checkpoint(row["checkpoint"]).as_directory() as d:  # a local path or a storage URI (s3://, gs://)

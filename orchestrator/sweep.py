@@ -287,7 +287,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=absolute(cfg.storage_path), callbacks=[callback], verbose=0,
-        failure_config=tune.FailureConfig(max_failures=3),
+        failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep))
     # reuse_actors: the next trial runs in the worker process the last one left (its torch import,
     # CUDA context and compiled extractor kept); each trial still builds its own head and data

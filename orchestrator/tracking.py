@@ -300,18 +300,28 @@ class MlflowTrialCallback(Callback):
             self._close_abandoned({t.trial_id for t in trials})
 
     def _close_abandoned(self, trial_ids: set[str]) -> None:
-        """Mark KILLED the child runs of trials the sweep no longer has. A driver killed after a trial
-        started but before Tune's next experiment snapshot leaves that trial's run behind, and `resume`
-        does not know the trial (its searcher suggests a new one): the run would stay RUNNING forever."""
+        """Tag `abandoned` the child runs of trials the sweep no longer has, and mark KILLED those still
+        RUNNING. A driver killed after a trial started but before Tune's next experiment snapshot leaves
+        that trial's run behind (RUNNING, or already ended: measured, a trial pruned after one epoch), and
+        `resume` does not know the trial: its searcher suggests the config again as a new trial, so the
+        old run is not one of the sweep's results."""
         try:
-            runs = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-                                                    f"and attributes.status = 'RUNNING'")
-            for run in runs:
-                trial_id = run.data.tags.get("diffsweep.trial_id")
-                if trial_id and trial_id not in trial_ids:
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                    max_results=1000, page_token=token)
+                for run in page:
+                    tags = run.data.tags
+                    trial_id = tags.get("diffsweep.trial_id")
+                    if not trial_id or trial_id in trial_ids or tags.get(STATUS_TAG) == "abandoned":
+                        continue
                     self.client.set_tag(run.info.run_id, STATUS_TAG, "abandoned")
-                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                    if run.info.status == "RUNNING":
+                        self.client.set_terminated(run.info.run_id, status="KILLED")
+                token = page.token
+                if not token:
+                    break
         except Exception as e:  # noqa: BLE001 - bookkeeping; never fatal
             log.warning("MLflow: could not close the runs of abandoned trials (%s)", str(e)[:120])
 

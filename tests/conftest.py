@@ -17,6 +17,9 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # threads per process only oversubscribe the cores (measured: test_example.py 22.2 CPU-s with torch's
 # default two threads, 18.0 with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `mlflow server` (MLflow 3) starts a job runner with a dozen Huey consumer processes for its GenAI jobs,
+# which diffsweep never submits: measured 33 CPU-seconds of test_faults_mlflow.py's two server starts.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(scope="session")
@@ -25,9 +28,13 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # two logical GPUs (Ray schedules them on a CPU machine too) for the tests of GPU-holding trials
+        # two logical GPUs (Ray schedules them on a CPU machine too) for the tests of GPU-holding trials.
+        # Idle workers are kept (Ray kills those above num_cpus after 1 s): the next test's sweep runs its
+        # extraction tasks in a worker that has imported torch already (test_sweep_heads.py's three sweeps:
+        # 17 worker processes, 61 CPU-s -> 12, 45 CPU-s)
         ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=False)
+                 logging_level="WARNING", log_to_driver=False,
+                 _system_config={"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 600_000})
     yield ray
     ray.shutdown()
 

@@ -90,9 +90,11 @@ def test_outage_at_a_trials_start_makes_one_run_and_loses_no_epoch(tmp_path, mon
 def test_a_trial_the_resumed_sweep_no_longer_has_is_closed_as_abandoned(tmp_path):
     """A driver killed between a trial's start and Tune's next snapshot: resume never sees that trial."""
     uri, parent, first = sweep_callback(tmp_path, "orphan")
-    kept, lost = trial("k1"), trial("l1")
-    for t in (kept, lost):
-        first.on_trial_start(0, [], t)  # the first driver made both runs, then died
+    kept, lost, ended = trial("k1"), trial("l1"), trial("e1")
+    for t in (kept, lost, ended):
+        first.on_trial_start(0, [], t)  # the first driver made these runs, then died
+    first.on_trial_result(0, [], ended, {"epoch": 1, "val_acc": 0.2})  # pruned before the driver died
+    first.on_trial_complete(0, [], ended)
     resumed = MlflowTrialCallback(uri, parent.experiment_id, parent.run_id, max_t=3)
     resumed.on_trial_start(0, [], kept)
     resumed.on_trial_result(0, [], kept, {"epoch": 3, "val_acc": 0.5})
@@ -102,6 +104,8 @@ def test_a_trial_the_resumed_sweep_no_longer_has_is_closed_as_abandoned(tmp_path
     runs = {r.data.tags["diffsweep.trial_id"]: r for r in client.search_runs([parent.experiment_id])
             if "diffsweep.trial_id" in r.data.tags}
     assert runs["l1"].info.status == "KILLED" and runs["l1"].data.tags["diffsweep.status"] == "abandoned"
+    # ended before the kill but unknown to the resume (seen in a driver-kill run): abandoned, still FINISHED
+    assert runs["e1"].info.status == "FINISHED" and runs["e1"].data.tags["diffsweep.status"] == "abandoned"
     assert runs["k1"].info.status == "FINISHED" and runs["k1"].data.tags["diffsweep.status"] == "completed"
 
 

@@ -16,7 +16,7 @@ def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path,
     # an attention width its head count does not divide: valid YAML, fails inside every trial
     space = tiny_space(tmp_path, name="failing", heads={"attention": {"dim": [30], "heads": [4], "depth": [1]}},
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300}}],
-                       num_samples=2, asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2})
+                       num_samples=2, max_failures=0, asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2})
     assert main(["run", str(space)]) == 1
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if line.startswith("trial ") and " failed: " in line]

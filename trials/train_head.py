@@ -72,14 +72,16 @@ class HeadTrainer:
     """Owns a head, its optimiser and schedule; `state_dict` round-trips exactly for resumption."""
 
     def __init__(self, head: str, hparams: dict[str, Any], train: Sequence[FeatureArray], num_classes: int,
-                 recipe: Recipe, seed: int, device: str = "cpu"):
+                 recipe: Recipe, seed: int, device: str = "cpu", trainable: bool = True):
         self.head_name, self.recipe, self.seed, self.device = head, recipe, seed, device
         keep_batch_buffers_mapped()
         self.train = list(train)
         head_kw, self.optim = split_hparams(hparams)
         torch.manual_seed(seed)
         self.model = build_head_for_maps(head, [a.shape[1:] for a in self.train], num_classes, **head_kw).to(device)
-        self.opt, self.sched = make_optimizer(self.model, head, recipe, self.optim)
+        # trainable=False: a trained head to restore and evaluate (the winner's export). torch builds an
+        # optimiser behind a lazy import of torch._dynamo, 1.6 s of CPU a process pays once: not for that
+        self.opt, self.sched = make_optimizer(self.model, head, recipe, self.optim) if trainable else (None, None)
         self.epoch = 0
         self.labels = torch.from_numpy(self.train[0].labels.astype(np.int64))
 
@@ -130,8 +132,9 @@ class HeadTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
+        if self.opt is not None:
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
         self.epoch = int(state["epoch"])
 
     def epochs(self, val: Sequence[FeatureArray]) -> Iterator[dict[str, float]]:
