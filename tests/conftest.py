@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import sys
@@ -22,21 +23,33 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One small real Ray for the whole session (no dashboard)."""
+@contextlib.contextmanager
+def small_ray():
+    """A small real Ray (no dashboard) for as long as the block runs; an already running one is used."""
     import ray
 
-    if not ray.is_initialized():
-        # two logical GPUs (Ray schedules them on a CPU machine too) for the tests of GPU-holding trials.
-        # Idle workers are kept (Ray kills those above num_cpus after 1 s): the next test's sweep runs its
-        # extraction tasks in a worker that has imported torch already (test_sweep_heads.py's three sweeps:
-        # 17 worker processes, 61 CPU-s -> 12, 45 CPU-s)
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
-                 logging_level="WARNING", log_to_driver=False,
-                 _system_config={"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 600_000})
-    yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        yield ray
+        return
+    # two logical GPUs (Ray schedules them on a CPU machine too) for the tests of GPU-holding trials.
+    # Idle workers are kept (Ray kills those above num_cpus after 1 s): the next test's sweep runs its
+    # extraction tasks in a worker that has imported torch already (test_sweep_heads.py's three sweeps:
+    # 17 worker processes, 61 CPU-s -> 12, 45 CPU-s)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+             logging_level="WARNING", log_to_driver=False,
+             _system_config={"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 600_000})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One Ray per test module that asks for it, shut down after the module: an idle Ray still costs
+    about 2 CPU-seconds a minute (measured), and the worker that ran the module goes on to others."""
+    with small_ray() as ray:
+        yield ray
 
 
 def fashion_mnist_available() -> bool:
@@ -53,7 +66,7 @@ class SharedSweep:
 
 
 @pytest.fixture(scope="session")
-def shared_sweep(request, tmp_path_factory) -> SharedSweep:
+def shared_sweep(tmp_path_factory) -> SharedSweep:
     """One real tiny sweep (digits + Fashion-MNIST, `diffsweep.run(..., register_model="digits-clf")`
     from an empty store) that test_sweep_e2e, test_mlflow_model and test_select all read. The xdist
     worker that asks first makes it under a file lock; the others wait on the lock and read its files
@@ -69,17 +82,17 @@ def shared_sweep(request, tmp_path_factory) -> SharedSweep:
     done = folder / "outcome.json"
     with FileLock(str(folder) + ".lock"):
         if not done.exists():
-            request.getfixturevalue("ray_local")  # only the worker that runs the sweep starts Ray for it
             import diffsweep
 
             folder.mkdir(exist_ok=True)
             datasets = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 800}}]
             if fashion_mnist_available():
                 datasets.append({"name": "fashion_mnist", "limit": {"train": 400, "val": 150, "test": 200}})
-            space = tiny_space(folder, name="shared", datasets=datasets)
+            space = tiny_space(folder, name="shared", datasets=datasets, max_concurrent=2)  # as users run it
             assert not (folder / "features").exists()  # every feature file is made by this sweep
             started = time.time_ns()
-            outcome = diffsweep.run(space, register_model="digits-clf")
+            with small_ray():  # only the worker that runs the sweep starts a Ray, for the sweep only
+                outcome = diffsweep.run(space, register_model="digits-clf")
             done.write_text(json.dumps({"space": str(space), "datasets": [d["name"] for d in datasets],
                                         "selected": outcome.selected, "started_ns": started}, default=str))
     doc = json.loads(done.read_text())

@@ -7,7 +7,7 @@
    `ray job submit --working-dir <repo> -- python -m orchestrator run SPACE --address auto`, exactly as
    cluster/README.md documents it; the job must succeed and export at the spec's absolute export_dir.
 
-Isolation from the rest of the session (the session-scoped `ray_local` fixture) and from other Ray
+Isolation from the rest of the session (the `ray_local` fixture's Ray) and from other Ray
 instances on the machine:
 - the multi-node sweep runs in a child Python (`python -m tests.test_cluster_run multinode ...`), so
   it owns its Ray and cannot disturb, or be disturbed by, a `ray_local` already initialised here;
@@ -116,7 +116,8 @@ def multinode_sweep(tmp: Path) -> dict:
         workers = {name: cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=store)
                    for name in ("worker_a", "worker_b")}
         cluster.wait_for_nodes()
-        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES, datasets=DIGITS))  # all paths in tmp: shared by construction
+        # all paths in tmp: shared by construction; two trials at a time, one per worker node
+        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES, datasets=DIGITS, max_concurrent=2))
         outcome = run_sweep(cfg, address=cluster.address)
         return {"head": cluster.head_node.node_id,
                 "workers": {name: node.node_id for name, node in workers.items()},

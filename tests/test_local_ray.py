@@ -6,7 +6,7 @@ Never a traceback.
 
 Isolation as in tests/test_cluster_run.py: every Ray here lives under a private RAY_TMPDIR (so the
 `ray_current_cluster` file the driver reads is ours, not /tmp/ray's), runs in child processes (the
-session's `ray_local` is untouched), and is stopped by process group and by pid, never `ray stop`.
+`ray_local` fixture's Ray is untouched), and is stopped by process group and by pid, never `ray stop`.
 """
 
 from __future__ import annotations
