@@ -50,9 +50,11 @@ HEAD_PARAMS = {"linear": {}, "mlp": {"hidden": [96]}, "cnn": {"width": [80], "de
                "fusion": {"dim": [64], "heads": [4], "depth": [2]}, "mixing": {"dim": [512], "side": [8]}}
 # sized for a 2-core CPU (the whole default run about half an hour; see the README)
 DEFAULT = {"train": 4000, "val": 1000, "test": None, "t": [10, 25], "block": [8, 10], "pool": [1, 2, 4],
-           "epochs": 4}
-# the format check of the tests: one 7x7 map, one epoch, tiny splits (12 sweeps' overhead dominates)
-QUICK = {"train": 300, "val": 100, "test": 200, "t": [10], "block": [8], "pool": [1, 2], "epochs": 1}
+           "epochs": 4, "max_concurrent": 2}
+# the format check of the tests: one 7x7 map, one epoch, tiny splits (12 sweeps' overhead dominates),
+# one trial at a time (a second concurrent trial is a second worker process to start)
+QUICK = {"train": 300, "val": 100, "test": 200, "t": [10], "block": [8], "pool": [1, 2], "epochs": 1,
+         "max_concurrent": 1}
 
 
 def fusion_sets(ts: list[int], blocks: list[int]) -> list[list[list[int]]]:
@@ -75,7 +77,7 @@ def sweep_spec(head: str, backbone: str, sizes: dict, root: Path, store: str) ->
     name = f"heads-{head}-{backbone}"
     return {"name": name, "seed": 0, "checkpoint": BACKBONES[backbone],
             "datasets": [{"name": "fashion_mnist", "val_fraction": 0.1, "limit": limit}],
-            "space": space, "search": {"sampler": "grid", "max_concurrent": 2, "asha": asha},
+            "space": space, "search": {"sampler": "grid", "max_concurrent": sizes["max_concurrent"], "asha": asha},
             "training": {"recipe": "adamw", "batch_size": 128}, "resources": {"cpu": 1, "gpu": 0},
             "store": {"path": store}, "tracking": {"uri": f"sqlite:///{root}/mlruns.db"},
             "storage_path": str(root / "ray"), "export_dir": str(root / "exported" / name)}
