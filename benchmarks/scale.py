@@ -168,7 +168,7 @@ def plan_error(root: str, n: int, batch: int) -> tuple[float, int, int]:
     from trials.store import FeatureStore
 
     spec = {"name": "scale-plan", "checkpoint": {"arch": PAPER_SHAPED, "random_weights": True},
-            "datasets": [{"name": "digits", "val_fraction": 0.15, "limit": {"train": n, "val": max(8, n // 4)}}],
+            "datasets": [{"name": "digits", "val_fraction": 0.15, "limit": {"train": n, "val": max(10, n // 4)}}],
             "space": {"t": [90], "block": [BLOCK], "pool": [1], "head": {"linear": {}}},
             "store": {"path": f"{root}/store", "batch_size": batch, "part_bytes": 32 * 2 ** 20},
             "tracking": {"uri": f"sqlite:///{root}/mlruns.db"}, "storage_path": f"{root}/ray",
