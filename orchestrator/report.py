@@ -73,6 +73,7 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
     from ray.tune import ExperimentAnalysis
 
     from orchestrator.config import ConfigError
+    from orchestrator.select import error_line, error_log
     from orchestrator.tracking import trial_status
     from orchestrator.sweep import STATE_FILE, absolute
 
@@ -93,7 +94,6 @@ def sweep_status(name: str, storage_path: str, as_json: bool = False) -> str:
         error = None
         # the copy in the sweep's storage (trial.path): `trial.error_file` is the driver's staging
         # copy, whose path needs a live Ray session, and `diffsweep status` runs in a fresh shell
-        from orchestrator.select import error_line, error_log
         log_file = error_log(trial.path) if trial.path else None
         if log_file is not None and log_file.is_file():
             error = error_line(log_file.read_text())

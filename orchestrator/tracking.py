@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 log = logging.getLogger("diffsweep")
 STATUS_TAG = "diffsweep.status"
+TRIAL_ID_TAG = "diffsweep.trial_id"  # finds a trial's run again after an outage or a resume
 CHECKPOINT_TAG = "diffsweep.checkpoint_epoch"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow 3's UI to choose the experiment's view
 EXPERIMENT_KIND = "custom_model_development"   # its training-runs view (the other is "genai_development")
@@ -169,7 +170,7 @@ class MlflowTrialCallback(Callback):
 
     def _find_run(self, trial_id: str):
         found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`diffsweep.trial_id` = '{trial_id}' and "
+            [self.experiment_id], filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
                                                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
             max_results=1)
         return found[0] if found else None
@@ -188,7 +189,7 @@ class MlflowTrialCallback(Callback):
             name = f"{c.get('dataset')}-{c.get('head')}-t{c.get('t')}-b{c.get('block')}-{trial_id}"
             run_id = self.client.create_run(
                 self.experiment_id, run_name=name,
-                tags={"mlflow.parentRunId": self.parent_run_id, "diffsweep.trial_id": trial_id,
+                tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id,
                       "diffsweep.dataset": str(c.get("dataset")), STATUS_TAG: "running"}).info.run_id
             has_params = False
         self.runs[trial_id] = run_id
@@ -313,7 +314,7 @@ class MlflowTrialCallback(Callback):
                     max_results=1000, page_token=token)
                 for run in page:
                     tags = run.data.tags
-                    trial_id = tags.get("diffsweep.trial_id")
+                    trial_id = tags.get(TRIAL_ID_TAG)
                     if not trial_id or trial_id in trial_ids or tags.get(STATUS_TAG) == "abandoned":
                         continue
                     self.client.set_tag(run.info.run_id, STATUS_TAG, "abandoned")
