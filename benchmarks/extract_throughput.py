@@ -25,7 +25,8 @@ decode, seeded noise, forward, pool, write, with its prefetch and writer threads
 cached, optionally compiled extractor; the compile is paid in a warm-up fill of other images and
 reported) against the paper's path on the same images (decode on the critical path, fresh
 `torch.randn_like` noise, the full forward with a hook, the feature copied to the host), with the
-busy seconds of each stage. Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the
+busy seconds of each stage. On a CPU whose default arithmetic is bf16 (`numeric_path`: AVX512-BF16 or
+AMX units) the fp32 fill is timed too, against the same baseline (`ratio_fp32` in the last line). Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the
 truncated network (torch.utils.flop_counter) times the compiled forward's images/s over the device's
 dense bf16 peak. Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`,
 or else synthetic JPEGs written to a temp folder (`--jpegs`, 500x375, decoded and resized like photos).
@@ -202,6 +203,14 @@ def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: fl
         warm = time.perf_counter() - t0
         stats = fill_request(req, options, device=device)
     ours = stats.images / stats.seconds
+    fp32 = None
+    if device == "cpu" and req.numeric != "cpu-fp32":  # the default arithmetic is bf16 here: fp32 beside it
+        with tempfile.TemporaryDirectory(prefix="e2e-store-fp32-") as store:
+            options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
+            fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial,
+                                        numeric="cpu-fp32"), options, device=device)
+            fp32 = fill_request(common.request(bb, spec, split, (args.t,), (block,), args.max_spatial,
+                                               numeric="cpu-fp32"), options, device=device)
 
     # the paper's path: decode, fresh noise, full forward + hook, feature to the host; one batch at a time
     ref, run_ref = reference_path(model, block, device)
@@ -244,6 +253,11 @@ def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: fl
           f"{shares(stats.stages, stats.seconds)}")
     ratio = ours / paper
     line = f"ratio={ratio:.2f}"
+    if fp32 is not None:
+        fp32_ips = fp32.images / fp32.seconds
+        print(f"(c) the same store fill in fp32 (store.numeric: cpu-fp32): {fp32_ips:9.1f} images/s, "
+              f"{fp32.seconds:.2f}s: {fp32_ips / paper:.2f}x the paper's path")
+        line += f" ratio_fp32={fp32_ips / paper:.2f}"
     if device == "cuda":
         flops = truncated_flops(model, block, batch, device, y_of(batch))
         peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name())
@@ -280,7 +294,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
     ap.add_argument("--numeric", default=None, choices=("cpu-fp32", "cpu-bf16", "cuda-bf16"),
                     help="--end-to-end: the store fill's numeric path (store.numeric; default this device's: "
-                         "cpu-fp32 / cuda-bf16); the paper's path stays fp32 on a CPU")
+                         "cuda-bf16; on a CPU cpu-bf16 where it has bf16 units, else cpu-fp32); the paper's path stays fp32 on a CPU")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also time the store fill itself against the paper's path on the same images")
     ap.add_argument("--images", type=int, default=None, help="--end-to-end: images (default 2048 CPU, 2048 GPU)")

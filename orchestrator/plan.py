@@ -90,7 +90,7 @@ def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, 
 
 def measure_throughput(setup, n: int) -> float:
     """Images/s of the real extraction (`extract_batch`, the store fill's compute) on this machine,
-    at the deepest block the space reads, timed over `n` images after one warm-up batch."""
+    at the deepest block the space reads, in the sweep's numeric path, timed over `n` images after one warm-up batch."""
     import numpy as np
     import torch
 
@@ -104,10 +104,10 @@ def measure_throughput(setup, n: int) -> float:
     x = torch.from_numpy(np.zeros((batch, flags["in_channels"], flags["image_size"], flags["image_size"]), np.float32))
     ids = [str(i) for i in range(batch)]
     y = class_labels(setup.backbone, batch, device)
-    extract_batch(model, x, ids, 10, blocks, 0, setup.max_spatial, y=y)  # warm-up
+    extract_batch(model, x, ids, 10, blocks, 0, setup.max_spatial, y=y, numeric=setup.numeric)  # warm-up
     done, t0 = 0, time.perf_counter()
     while done < n:
-        extract_batch(model, x, ids, 10, blocks, 0, setup.max_spatial, y=y)
+        extract_batch(model, x, ids, 10, blocks, 0, setup.max_spatial, y=y, numeric=setup.numeric)
         done += batch
     return done / (time.perf_counter() - t0)
 

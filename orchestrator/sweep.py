@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ConfigError, SweepConfig
-from trials.features import BackboneSpec, DatasetSpec
+from trials.features import BackboneSpec, DatasetSpec, numeric_path
 
 log = logging.getLogger("diffsweep")
 STATE_FILE = "diffsweep_sweep.json"
@@ -150,11 +150,12 @@ def join_known_local_cluster(kwargs: dict[str, Any]) -> bool:
 
 
 def sweep_numeric(cfg: SweepConfig) -> str:
-    """The numeric path of the sweep's features (part of their keys): bf16 on CUDA when extraction
-    runs on GPUs, fp32 on CPUs, unless `store.numeric` names one."""
+    """The numeric path of the sweep's features (part of their keys), unless `store.numeric` names
+    one: bf16 on CUDA when extraction runs on GPUs; on CPUs, bf16 where the driver's CPU has bf16
+    units, else fp32 (`trials.features.numeric_path`)."""
     if cfg.store.numeric != "auto":
         return cfg.store.numeric
-    return "cuda-bf16" if cfg.resources.extract_gpu > 0 else "cpu-fp32"
+    return numeric_path("cuda" if cfg.resources.extract_gpu > 0 else "cpu")
 
 
 def space_pools(cfg: SweepConfig) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ def test_extract_throughput_cpu_small():
 def test_extract_throughput_end_to_end_cpu_small():
     line = last_line("extract_throughput.py", "--end-to-end", "--cpu-small", "--iters", "1", "--batch", "32",
                      "--images", "96")
-    assert re.fullmatch(rf"ratio={NUMBER}", line), line
+    assert re.fullmatch(rf"ratio={NUMBER}( ratio_fp32={NUMBER})?", line), line
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")

@@ -175,6 +175,31 @@ def test_numeric_path_is_part_of_the_key_and_a_worker_refuses_another_path(tmp_p
     assert not FeatureStore(str(tmp_path)).has(gpu.key(10, 4))
 
 
+def test_auto_numeric_path_is_bf16_on_cpus_with_bf16_units_only(tmp_path):
+    """`store.numeric: auto` on CPUs: bf16 autocast where the CPU has native bf16 dot products
+    (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags), fp32 elsewhere (emulated bf16 is slower)."""
+    from orchestrator.config import SweepConfig
+    from orchestrator.sweep import sweep_numeric
+    from trials.features import cpu_has_bf16_units, numeric_path
+
+    def cpuinfo(flags: str) -> str:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        return str(path)
+
+    assert cpu_has_bf16_units(cpuinfo("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni"))  # AMD Zen 4, Cooper Lake
+    assert cpu_has_bf16_units(cpuinfo("fpu avx512f amx_bf16 amx_tile"))  # Sapphire Rapids and later
+    assert not cpu_has_bf16_units(cpuinfo("fpu sse2 avx2 avx512f avx512bw avx512_vnni"))  # AVX-512 without bf16
+    assert not cpu_has_bf16_units(str(tmp_path / "absent"))
+    here = "cpu-bf16" if cpu_has_bf16_units() else "cpu-fp32"
+    assert numeric_path("cpu") == here
+    assert numeric_path("cuda") == "cuda-bf16"
+    spec = {"name": "n", "datasets": [{"name": "digits"}], "space": {"t": [10], "block": [4], "head": {"linear": {}}}}
+    assert sweep_numeric(SweepConfig.model_validate(spec)) == here
+    assert sweep_numeric(SweepConfig.model_validate({**spec, "store": {"numeric": "cpu-fp32"}})) == "cpu-fp32"
+    assert sweep_numeric(SweepConfig.model_validate({**spec, "resources": {"extract_gpu": 1}})) == "cuda-bf16"
+
+
 def test_cpu_bf16_features_have_their_own_key_are_close_to_fp32_and_match_the_predict_path(tmp_path):
     """`store.numeric: cpu-bf16`: bf16 autocast on a CPU is another arithmetic, so another key; its maps
     stay close to fp32's (cosine per image), and predict / evaluate (`extract_batch` with the export's

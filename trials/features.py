@@ -89,10 +89,30 @@ def preprocessing(model_flags: dict[str, Any]) -> dict[str, Any]:
             "resize": "shorter-side bicubic + center crop", "range": "[-1, 1]"}
 
 
+# CPU flags of native bf16 dot products (Linux /proc/cpuinfo names): where oneDNN's bf16 convolutions
+# beat fp32. Without them bf16 autocast is emulated and slower than fp32.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return False
+
+
 def numeric_path(device: str | torch.device) -> str:
-    """The arithmetic `DeviceCapture` uses on `device` by default (fp32 on a CPU; bf16 autocast, cuDNN
-    autotune on CUDA). It is part of every feature key: the paths do not give the same numbers."""
-    return "cuda-bf16" if torch.device(device).type == "cuda" else "cpu-fp32"
+    """The arithmetic features are computed with on `device` by default: bf16 autocast with cuDNN
+    autotune on CUDA; on a CPU bf16 autocast where it has bf16 units (AVX512-BF16, AMX), else fp32.
+    It is part of every feature key: the paths do not give the same numbers."""
+    if torch.device(device).type == "cuda":
+        return "cuda-bf16"
+    return "cpu-bf16" if cpu_has_bf16_units() else "cpu-fp32"
 
 
 def computes(numeric: str, device: str | torch.device) -> bool:
