@@ -342,8 +342,9 @@ def test_capture_blocks_pooling(pool):
         torch.testing.assert_close(got[b], expected, rtol=1e-5, atol=1e-6)
 
 
-# compiled: two shallow blocks, since inductor's CPU compile time grows with the truncated network
-@pytest.mark.parametrize("compiled,blocks", [(False, (4, 10)), (True, (2, 4))])
+# compiled: the two shallowest blocks (the stem conv and a ResBlock), since inductor's CPU compile time
+# grows with the truncated network (blocks 2, 4: 22.6 s of compile here; 1, 2: 14.1 s)
+@pytest.mark.parametrize("compiled,blocks", [(False, (4, 10)), (True, (1, 2))])
 def test_device_capture_returns_the_pooled_maps_as_fp16_on_the_host(compiled, blocks):
     torch.manual_seed(6)
     model = create_unet("adm-28-small").eval()
