@@ -191,8 +191,8 @@ class Store(Strict):
     part_bytes: ByteSize = Field(ByteSize(256 * 2 ** 20), gt=0)  # bound on one stored part ("256MiB", "1GB")
     batch_size: int = Field(256, ge=1)
     # the arithmetic of the features, part of their keys; auto: cuda-bf16 when extract_gpu > 0, else
-    # cpu-bf16 (bf16 autocast) on CPUs with bf16 units (AVX512-BF16, AMX: ~1.8-1.9x the fp32 forward),
-    # cpu-fp32 on others
+    # cpu-bf16 (bf16 autocast) on CPUs with bf16 units (AVX512-BF16 or AMX; the fill at 1.4-1.6x fp32
+    # on a Zen 4), cpu-fp32 on others
     numeric: Literal["auto", "cpu-fp32", "cpu-bf16", "cuda-bf16"] = "auto"
     # torch.compile the extractor, once per worker process (null: on when extraction runs on CUDA)
     compile: bool | None = None

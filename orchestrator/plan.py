@@ -90,7 +90,8 @@ def _head_checkpoint_bytes(cfg: SweepConfig, head: str, shapes: list[tuple[int, 
 
 def measure_throughput(setup, n: int) -> float:
     """Images/s of the real extraction (`extract_batch`, the store fill's compute) on this machine,
-    at the deepest block the space reads, in the sweep's numeric path, timed over `n` images after one warm-up batch."""
+    at the deepest block the space reads, in the sweep's numeric path, timed over `n` images after
+    one warm-up batch."""
     import numpy as np
     import torch
 
