@@ -56,8 +56,8 @@ class DeviceCapture:
     of the convolutions, inputs copied from pinned host memory without blocking, and maps pooled and
     cast to fp16 on the GPU so only the small stored feature crosses back, asynchronously
     (`submit` returns at once; `Captured.result()` waits). On the CPU it is fp32 `capture_blocks`
-    (bf16 autocast with `bf16=True`: oneDNN's bf16 convolutions, AMX where the CPU has it), compiled
-    when asked.
+    (bf16 autocast with `bf16=True`: oneDNN's bf16 convolutions, which the store fill asks for on
+    CPUs with bf16 units, see `trials.features.numeric_path`), compiled when asked.
     With `rows` set (the fill does so when compiled), smaller batches are padded to `rows` so the
     compiled graph is never rebuilt for a short last batch.
     Returns {block: fp16 tensor on the host}.
