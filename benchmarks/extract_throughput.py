@@ -25,10 +25,10 @@ decode, seeded noise, forward, pool, write, with its prefetch and writer threads
 cached, optionally compiled extractor; the compile is paid in a warm-up fill of other images and
 reported) against the paper's path on the same images (decode on the critical path, fresh
 `torch.randn_like` noise, the full forward with a hook, the feature copied to the host), with the
-busy seconds of each stage. On a CPU whose default arithmetic is bf16 (`numeric_path`: AVX512-BF16 or
-AMX units) the fp32 fill is timed too, against the same baseline (`ratio_fp32` in the last line). Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the
-truncated network (torch.utils.flop_counter) times the compiled forward's images/s over the device's
-dense bf16 peak. Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`,
+busy seconds of each stage. On a CPU whose default arithmetic is bf16 (`numeric_path`: AVX512-BF16
+or AMX units) the fp32 fill is timed too, against the same baseline (`ratio_fp32` in the last line).
+Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the truncated network
+(torch.utils.flop_counter) times the compiled forward's images/s over the device's dense bf16 peak. Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`,
 or else synthetic JPEGs written to a temp folder (`--jpegs`, 500x375, decoded and resized like photos).
 
 --cpu-small (the default without CUDA) runs a small architecture (adm-28-small: blocks 10 for 24,
@@ -294,7 +294,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU mode default 1)")
     ap.add_argument("--numeric", default=None, choices=("cpu-fp32", "cpu-bf16", "cuda-bf16"),
                     help="--end-to-end: the store fill's numeric path (store.numeric; default this device's: "
-                         "cuda-bf16; on a CPU cpu-bf16 where it has bf16 units, else cpu-fp32); the paper's path stays fp32 on a CPU")
+                         "cuda-bf16; on a CPU cpu-bf16 where it has bf16 units, else cpu-fp32); the paper's "
+                         "path stays fp32 on a CPU")
     ap.add_argument("--end-to-end", action="store_true",
                     help="also time the store fill itself against the paper's path on the same images")
     ap.add_argument("--images", type=int, default=None, help="--end-to-end: images (default 2048 CPU, 2048 GPU)")
