@@ -106,6 +106,31 @@ def answers(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
+TUNE_SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"
+
+
+class SnapshotErrorsInOneLine(logging.Filter):
+    """Tune logs a failed upload of its experiment snapshot with the whole traceback and carries on.
+    On a local storage path it happens when its searcher renames a temp file while the copy lists the
+    folder (seen once in the test suite, the sweep unharmed); the next snapshot uploads again, and the
+    last one is awaited. One line, with the error, says so instead of a traceback from inside Ray."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            first = (str(error).splitlines() or [""])[0][:300]
+            record.msg = (f"{record.getMessage().rstrip(': ')}: {type(error).__name__}: {first} "
+                          "(the next snapshot uploads it again)")
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+def quiet_snapshot_errors() -> None:
+    logger = logging.getLogger(TUNE_SNAPSHOT_LOGGER)
+    if not any(isinstance(f, SnapshotErrorsInOneLine) for f in logger.filters):
+        logger.addFilter(SnapshotErrorsInOneLine())
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -260,6 +285,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     print(format_plan(plan), flush=True)
     check_space(plan)
     init_ray(address)
+    quiet_snapshot_errors()
     announce_store_pooling(setup)
     coordinator = sweep_coordinator(cfg, setup)  # held until the sweep returns (see sweep_coordinator)
     fill_store(cfg, setup, coordinator=coordinator)

@@ -29,3 +29,33 @@ def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path,
                              str(tmp_path / "ray")], capture_output=True, text=True, check=True).stdout
     assert "best val_acc" in status and "last val_acc" in status
     assert sum("error:" in line and "is invalid" in line for line in status.splitlines()) == 2
+
+
+def test_a_failed_snapshot_upload_is_one_line_not_a_traceback():
+    """Tune logs a failed upload of its experiment snapshot (a searcher temp file renamed while the copy
+    listed the folder, seen once in this suite) with a traceback and carries on; a sweep shows one line."""
+    import io
+    import logging
+
+    from ray.tune.execution import experiment_state
+
+    from orchestrator.sweep import SnapshotErrorsInOneLine, quiet_snapshot_errors
+
+    quiet_snapshot_errors()
+    quiet_snapshot_errors()  # once per logger, however many sweeps a process runs
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    experiment_state.logger.addHandler(handler)
+    try:
+        try:
+            raise FileNotFoundError("[Errno 2] Failed to open local file '.tmp-searcher-state.pkl'\nDetail: gone")
+        except FileNotFoundError:  # as Tune's wait_for_sync logs it
+            experiment_state.logger.error("Saving experiment state to storage at '/x' failed with exception: ",
+                                          exc_info=True)
+    finally:
+        experiment_state.logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert "Traceback" not in out and out.count("\n") == 1, out
+    assert "FileNotFoundError: [Errno 2] Failed to open local file '.tmp-searcher-state.pkl'" in out
+    assert "the next snapshot uploads it again" in out
+    assert sum(isinstance(f, SnapshotErrorsInOneLine) for f in experiment_state.logger.filters) == 1
