@@ -28,8 +28,8 @@ reported) against the paper's path on the same images (decode on the critical pa
 busy seconds of each stage. On a CPU whose default arithmetic is bf16 (`numeric_path`: AVX512-BF16
 or AMX units) the fp32 fill is timed too, against the same baseline (`ratio_fp32` in the last line).
 Its ratio is the last line; on CUDA also `flop_fraction`: the FLOPs of the truncated network
-(torch.utils.flop_counter) times the compiled forward's images/s over the device's dense bf16 peak. Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`,
-or else synthetic JPEGs written to a temp folder (`--jpegs`, 500x375, decoded and resized like photos).
+(torch.utils.flop_counter) times the compiled forward's images/s over the device's dense bf16 peak.
+Images: Fashion-MNIST (the quickstart's, `--cpu-small`), an ImageNet-style `--root`, or else synthetic JPEGs written to a temp folder (`--jpegs`, 500x375, decoded and resized like photos).
 
 --cpu-small (the default without CUDA) runs a small architecture (adm-28-small: blocks 10 for 24,
 and 7, 10, 12 for 19, 24, 30) with batch 16 for a few iterations on the CPU, in a few seconds. The
@@ -194,23 +194,24 @@ def end_to_end(args, bb, model, block: int, device: str, batch: int, fwd_ips: fl
     samples = req.samples()
     n = len(samples)
     cfg = model.config
-    with tempfile.TemporaryDirectory(prefix="e2e-store-") as store:
-        options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
-        t0 = time.perf_counter()
-        fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial, numeric=args.numeric),
-                     options,
-                     device=device)  # builds (and compiles) this worker's extractor once
-        warm = time.perf_counter() - t0
-        stats = fill_request(req, options, device=device)
+
+    def timed_fill(numeric: str | None):
+        """A warm-up fill of other images (builds, and compiles, this worker's extractor once), then the
+        timed fill of `split` into an empty store: (its FillStats, the warm-up's seconds)."""
+        with tempfile.TemporaryDirectory(prefix="e2e-store-") as store:
+            options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
+            t0 = time.perf_counter()
+            fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial, numeric=numeric),
+                         options, device=device)
+            warm_s = time.perf_counter() - t0
+            return fill_request(common.request(bb, spec, split, (args.t,), (block,), args.max_spatial,
+                                               numeric=numeric), options, device=device), warm_s
+
+    stats, warm = timed_fill(args.numeric)
     ours = stats.images / stats.seconds
     fp32 = None
     if device == "cpu" and req.numeric != "cpu-fp32":  # the default arithmetic is bf16 here: fp32 beside it
-        with tempfile.TemporaryDirectory(prefix="e2e-store-fp32-") as store:
-            options = FillOptions(store, batch_size=batch, compile=bool(args.compile))
-            fill_request(common.request(bb, spec, warm_split, (args.t,), (block,), args.max_spatial,
-                                        numeric="cpu-fp32"), options, device=device)
-            fp32 = fill_request(common.request(bb, spec, split, (args.t,), (block,), args.max_spatial,
-                                               numeric="cpu-fp32"), options, device=device)
+        fp32, _ = timed_fill("cpu-fp32")
 
     # the paper's path: decode, fresh noise, full forward + hook, feature to the host; one batch at a time
     ref, run_ref = reference_path(model, block, device)
