@@ -198,7 +198,7 @@ def checkpoints_per_trial(root: str) -> tuple[float, int]:
     spec = {"name": "scale-ckpt", "checkpoint": {"random_weights": True},
             "datasets": [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300, "val": 100, "test": 100}}],
             "space": {"t": [10], "block": [4], "pool": [1], "head": {"linear": {"lr": [0.001, 0.003, 0.01]}}},
-            "search": {"sampler": "grid", "max_concurrent": 2, "asha": None},
+            "search": {"sampler": "grid", "max_concurrent": 1, "asha": None},  # one trial process, reused
             "store": {"path": f"{root}/store"}, "tracking": {"uri": f"sqlite:///{root}/mlruns.db"},
             "storage_path": f"{root}/ray", "export_dir": f"{root}/exported"}
     path = Path(root) / "scale-ckpt.yaml"

@@ -56,6 +56,22 @@ def fashion_mnist_available() -> bool:
     return Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz").exists()
 
 
+def session_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run shares (the parent of their base temp dirs); a plain
+    pytest run has its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def shared_features(tmp_path_factory) -> Path:
+    """One feature store for the sweeps that are about something else than extraction (faults, where Ray
+    runs, failing trials, head types): the sweeps of one dataset subset then extract it once per run, not
+    once each. Sweeps may fill it at the same time (even from different Ray clusters): a part file is
+    written under a temporary name and renamed into place whole, so both write the same bytes."""
+    return session_root(tmp_path_factory) / "shared_features"
+
+
 @dataclass(frozen=True)
 class SharedSweep:
     folder: Path  # the sweep's store, MLflow sqlite, Tune storage and exports
@@ -75,10 +91,7 @@ def shared_sweep(tmp_path_factory) -> SharedSweep:
 
     from tests.spaces import tiny_space
 
-    # xdist workers share the parent of their base temp dirs; a plain pytest run has its own
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder = root / "shared_sweep"
+    folder = session_root(tmp_path_factory) / "shared_sweep"
     done = folder / "outcome.json"
     with FileLock(str(folder) + ".lock"):
         if not done.exists():
@@ -100,17 +113,17 @@ def shared_sweep(tmp_path_factory) -> SharedSweep:
                        selected=doc["selected"], started_ns=doc["started_ns"])
 
 
-# Seconds each file took in a four-worker run (2026-12-04, 2 cores), longest first. The suite runs one file
+# Seconds each file took in a four-worker run (2026-12-06, 2 cores), longest first. The suite runs one file
 # per xdist worker (--dist loadfile); xdist would order files by their number of tests, which starts the
 # one-test, multi-minute files last and leaves a long tail. Starting them first packs the workers; files
 # not listed run after these, in collection order. test_mlflow_model.py and test_select.py are left out on
 # purpose: they read the shared sweep test_sweep_e2e.py makes early, so they come last and wait for nothing.
 LONGEST_FIRST = {
-    "test_faults_mlflow.py": 265, "test_benchmark_heads.py": 194, "test_faults.py": 160,
-    "test_benchmark_scale.py": 150, "test_local_ray.py": 150, "test_cluster_run.py": 130,
-    "test_sweep_e2e.py": 120, "test_sweep_heads.py": 122, "test_class_conditional.py": 102,
-    "test_faults_trial.py": 95, "test_cluster_job.py": 83, "test_extraction.py": 80, "test_trial_errors.py": 78,
-    "test_ddpm.py": 66, "test_benchmarks.py": 60, "test_api.py": 45, "test_unet.py": 40, "test_example.py": 37,
+    "test_local_ray.py": 190, "test_benchmark_heads.py": 180, "test_faults_mlflow.py": 175,
+    "test_sweep_heads.py": 120, "test_faults_trial.py": 115, "test_faults.py": 110, "test_benchmark_scale.py": 100,
+    "test_class_conditional.py": 95, "test_extraction.py": 80, "test_benchmarks.py": 75, "test_cluster_run.py": 72,
+    "test_sweep_e2e.py": 70, "test_cluster_job.py": 67, "test_trial_errors.py": 60, "test_api.py": 45,
+    "test_example.py": 37, "test_ddpm.py": 25, "test_unet.py": 15,
 }
 
 

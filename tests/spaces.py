@@ -5,7 +5,8 @@ from pathlib import Path
 import yaml
 
 
-def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, **search) -> Path:
+def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: Path | None = None, **search) -> Path:
+    """`store`: a feature store to use (conftest's `shared_features`) instead of tmp/features."""
     spec = {
         "name": name,
         "seed": 0,
@@ -19,7 +20,7 @@ def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, **searc
         "search": {"sampler": "tpe", "num_samples": 6, "max_concurrent": 1,
                    "asha": {"max_t": 3, "grace_period": 1, "reduction_factor": 3}, **search},
         "training": {"recipe": "adamw", "batch_size": 64},
-        "store": {"path": str(tmp / "features"), "batch_size": 128},
+        "store": {"path": str(store or tmp / "features"), "batch_size": 128},
         "tracking": {"uri": f"sqlite:///{tmp / 'mlruns.db'}"},
         "storage_path": str(tmp / "ray"),
         "export_dir": str(tmp / "exported"),

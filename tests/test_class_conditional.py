@@ -35,7 +35,7 @@ def cond_space(tmp_path: Path, class_label=None, arch="adm-64-cond") -> Path:
     spec = {"name": "cond", "seed": 0, "checkpoint": checkpoint,
             "datasets": [{"name": "imagefolder", "root": str(root), "val_fraction": 0.2}],
             "space": {"t": [50], "block": [2, 3], "pool": [1], "head": {"linear": {"lr": [0.01]}}},
-            "search": {"sampler": "grid", "max_concurrent": 2, "asha": {"max_t": 1, "grace_period": 1}},
+            "search": {"sampler": "grid", "max_concurrent": 1, "asha": {"max_t": 1, "grace_period": 1}},
             "training": {"recipe": "adamw", "batch_size": 8},
             "store": {"path": str(tmp_path / "features"), "batch_size": 8},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"},

@@ -12,11 +12,11 @@ from tests.spaces import tiny_space
 pytestmark = pytest.mark.slow
 
 
-def test_every_head_type_runs_to_completion(ray_local, tmp_path):
+def test_every_head_type_runs_to_completion(ray_local, tmp_path, shared_features):
     heads = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
              "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
-    space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid",
-                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 500}}],
+    space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid", store=shared_features,
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
                        asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
     import yaml
     spec = yaml.safe_load(space.read_text())
@@ -28,12 +28,12 @@ def test_every_head_type_runs_to_completion(ray_local, tmp_path):
     assert (table["status"] == "completed").all() and (table["head_params"] > 0).all()
 
 
-def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path):
+def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_features):
     """A mixing head over every (t, block) of the space, beside single-map linear trials: the trial's
     child run gets its learned weights as a heatmap, the parent gets the best one with its rank
     correlation against the val_acc heatmap. (Two noise draws: the next test.)"""
     heads = {"linear": {}, "mixing": {"dim": [16], "side": [4]}}
-    space = tiny_space(tmp_path, name="mixing", heads=heads, sampler="grid",
+    space = tiny_space(tmp_path, name="mixing", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
                        asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
     import yaml

@@ -12,10 +12,10 @@ from tests.spaces import tiny_space
 pytestmark = pytest.mark.slow
 
 
-def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path, capsys):
+def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path, shared_features, capsys):
     # an attention width its head count does not divide: valid YAML, fails inside every trial
     space = tiny_space(tmp_path, name="failing", heads={"attention": {"dim": [30], "heads": [4], "depth": [1]}},
-                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300}}],
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}], store=shared_features,
                        num_samples=2, max_failures=0, asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2})
     assert main(["run", str(space)]) == 1
     out = capsys.readouterr().out
