@@ -117,7 +117,8 @@ def multinode_sweep(tmp: Path) -> dict:
                    for name in ("worker_a", "worker_b")}
         cluster.wait_for_nodes()
         # all paths in tmp: shared by construction; two trials at a time, one per worker node
-        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES, datasets=DIGITS, max_concurrent=2))
+        cfg = load_config(tiny_space(tmp, num_samples=NUM_SAMPLES, datasets=DIGITS, serial_extraction=False,
+                                      max_concurrent=2))
         outcome = run_sweep(cfg, address=cluster.address)
         return {"head": cluster.head_node.node_id,
                 "workers": {name: node.node_id for name, node in workers.items()},
