@@ -101,8 +101,7 @@ def shared_sweep(tmp_path_factory) -> SharedSweep:
             datasets = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 800}}]
             if fashion_mnist_available():
                 datasets.append({"name": "fashion_mnist", "limit": {"train": 400, "val": 150, "test": 200}})
-            space = tiny_space(folder, name="shared", datasets=datasets, serial_extraction=False,
-                               max_concurrent=2)  # as users run it
+            space = tiny_space(folder, name="shared", datasets=datasets, max_concurrent=2)  # two trials, as users run it
             assert not (folder / "features").exists()  # every feature file is made by this sweep
             started = time.time_ns()
             with small_ray():  # only the worker that runs the sweep starts a Ray, for the sweep only

@@ -11,7 +11,7 @@ def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: 
     `serial_extraction`: each extraction task asks for two CPUs (`resources.extract_cpu`), so on the
     suite's two-CPU Rays one worker process runs a sweep's part tasks one after another instead of two
     processes each importing torch and loading the U-Net (a one-trial CLI sweep: 33.3 -> 24.3 CPU-s).
-    False: the default resources, as users run a sweep (the shared sweep, the cluster tests)."""
+    False: the default resources, as users run a sweep (the cluster tests: part tasks spread over nodes)."""
     spec = {
         "name": name,
         "seed": 0,
