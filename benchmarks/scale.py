@@ -69,7 +69,7 @@ def child_extract(root: str, n: int, batch: int) -> None:
 
     from trials.features import FillOptions, extraction_memory_bytes, fill_request
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # the test suite's 1: no idle spinning
     request = _extract_request(n)
     t0 = time.perf_counter()
     stats = fill_request(request, FillOptions(root, batch_size=batch, part_bytes=32 * 2 ** 20))
