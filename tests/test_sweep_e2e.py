@@ -1,8 +1,6 @@
 """The main job end to end on real data, with real Ray, real MLflow and real Optuna (no mocks)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -68,7 +66,7 @@ def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
                 assert max(t.intermediate_values) == 3
 
 
-def test_export_evaluate_and_predict(sweep, tmp_path):
+def test_export_evaluate_and_predict(sweep, tmp_path, capsys):
     tmp, _, datasets = sweep
     exported = tmp / "exported"
     table = pd.read_parquet(exported / "results.parquet")
@@ -78,22 +76,23 @@ def test_export_evaluate_and_predict(sweep, tmp_path):
     import yaml
     doc = yaml.safe_load((exported / "digits.yaml").read_text())
     assert doc["selection"]["chosen_on"] == "validation"
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "evaluate", "--config", str(exported / "digits.yaml"),
-                          "--split", "test"], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
+    # the console script's entry point, in this process (three more interpreters importing torch cost
+    # more than the checks; tests/test_bad_input.py runs the console script itself)
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(exported / "digits.yaml"), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["n"] == doc["selection"]["test_n"]
     assert result["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
     image = tmp_path / "digit.png"
     Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(image)
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--config", str(exported / "digits.yaml"),
-                          str(image)], capture_output=True, text=True, check=True)
-    path, label = out.stdout.strip().split("\t")
+    assert main(["predict", "--config", str(exported / "digits.yaml"), str(image)]) == 0
+    path, label = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and label in doc["dataset"]["classes"]
     bogus = tmp_path / "notes.png"
     bogus.write_text("not an image")
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--config", str(exported / "digits.yaml"),
-                          str(bogus)], capture_output=True, text=True)
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "cannot be decoded" in out.stderr
+    assert main(["predict", "--config", str(exported / "digits.yaml"), str(bogus)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot be decoded" in err
 
 
 def test_status_lists_trials(sweep, capsys):
