@@ -65,8 +65,8 @@ def session_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_features(tmp_path_factory) -> Path:
-    """One feature store for the sweeps that are about something else than extraction (faults, where Ray
-    runs, failing trials, head types): the sweeps of one dataset subset then extract it once per run, not
+    """One feature store for the sweeps that are about something else than extraction (where Ray runs,
+    failing trials, head types): the sweeps of one dataset subset then extract it once per run, not
     once each. Sweeps may fill it at the same time (even from different Ray clusters): a part file is
     written under a temporary name and renamed into place whole, so both write the same bytes."""
     return session_root(tmp_path_factory) / "shared_features"

@@ -1,5 +1,6 @@
 """Small sweep specs for the tests, written into a temporary folder with absolute paths."""
 
+import os
 from pathlib import Path
 
 import yaml
@@ -30,8 +31,8 @@ def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: 
         "storage_path": str(tmp / "ray"),
         "export_dir": str(tmp / "exported"),
     }
-    if serial_extraction:
-        spec["resources"] = {"extract_cpu": 2}
+    if serial_extraction:  # never more CPUs than a CLI driver's Ray has (os.cpu_count()): a task must fit
+        spec["resources"] = {"extract_cpu": min(2, os.cpu_count() or 1)}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
