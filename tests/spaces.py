@@ -5,6 +5,10 @@ from pathlib import Path
 
 import yaml
 
+# a sweep's `resources` so its extraction tasks run one at a time in one worker (see tiny_space); never
+# more CPUs than a CLI driver's Ray has (os.cpu_count()): a task must fit
+SERIAL_EXTRACTION = {"extract_cpu": min(2, os.cpu_count() or 1)}
+
 
 def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: Path | None = None,
                serial_extraction: bool = True, **search) -> Path:
@@ -31,8 +35,8 @@ def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: 
         "storage_path": str(tmp / "ray"),
         "export_dir": str(tmp / "exported"),
     }
-    if serial_extraction:  # never more CPUs than a CLI driver's Ray has (os.cpu_count()): a task must fit
-        spec["resources"] = {"extract_cpu": min(2, os.cpu_count() or 1)}
+    if serial_extraction:
+        spec["resources"] = dict(SERIAL_EXTRACTION)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

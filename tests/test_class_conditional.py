@@ -13,6 +13,7 @@ from fgvc_fixtures import jpeg
 from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.sweep import trial_setup
+from tests.spaces import SERIAL_EXTRACTION
 from trials.unet import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def cond_space(tmp_path: Path, class_label=None, arch="adm-64-cond") -> Path:
             "space": {"t": [50], "block": [2, 3], "pool": [1], "head": {"linear": {"lr": [0.01]}}},
             "search": {"sampler": "grid", "max_concurrent": 1, "asha": {"max_t": 1, "grace_period": 1}},
             "training": {"recipe": "adamw", "batch_size": 8},
-            "resources": {"extract_cpu": 2},  # one extraction process (tests/spaces.py: serial_extraction)
+            "resources": dict(SERIAL_EXTRACTION),  # one extraction process
             "store": {"path": str(tmp_path / "features"), "batch_size": 8},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"},
             "storage_path": str(tmp_path / "ray"), "export_dir": str(tmp_path / "exported")}
