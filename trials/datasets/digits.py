@@ -34,6 +34,7 @@ def load(root=None) -> DatasetSplits:
     target = data[:, -1].astype(int)
     test = set(json.loads(SPLIT_FILE.read_text())["test"])
     out = DatasetSplits("digits", [str(d) for d in range(10)])
-    out.splits["train"] = [Sample(f"digits-{i}", images[i], int(target[i])) for i in range(len(images)) if i not in test]
-    out.splits["test"] = [Sample(f"digits-{i}", images[i], int(target[i])) for i in sorted(test)]
+    samples = [Sample(f"digits-{i}", image, int(label)) for i, (image, label) in enumerate(zip(images, target))]
+    out.splits["train"] = [s for i, s in enumerate(samples) if i not in test]
+    out.splits["test"] = [samples[i] for i in sorted(test)]
     return out
