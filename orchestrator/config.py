@@ -274,7 +274,7 @@ class SweepConfig(Strict):
         """Blocks must exist in the architecture, and a class-conditional one needs its label (needs
         the U-Net code, so it runs after parsing)."""
         from trials.blocks import num_blocks
-        from trials.unet import make_config
+        from trials.unet_config import make_config
         try:
             n = num_blocks(self.checkpoint.arch)
             flags = make_config(self.checkpoint.arch)

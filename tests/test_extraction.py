@@ -46,6 +46,10 @@ def test_eight_concurrent_requests_cause_one_extraction(ray_local, tmp_path):
     # once stored, another request launches nothing
     assert ray.get(c.fill.remote(request(), options)) == []
     assert ray.get(c.launch_counts.remote())[group] == 1
+    # the coordinator planned and launched all that without torch in its own process: a sweep's
+    # actor costs an interpreter with Ray, not one with torch (the worker that planned extracts)
+    pid = ray._private.state.actors(c._actor_id.hex())["Pid"]
+    assert "libtorch" not in open(f"/proc/{pid}/maps").read()
 
 
 def test_same_features_whatever_the_batching_and_parts(tmp_path):

@@ -12,7 +12,9 @@ A named async actor, one per sweep, knows what is being computed. Two kinds of c
 Everyone else who asks for a group while it is computed waits for it, then looks in the store again.
 A lease is renewed by its holder every few seconds; one not renewed for `LEASE_TTL_S` (its holder
 died) is taken over by the next waiter. The coordinator does no file I/O on its event loop except
-listing (checks run in a thread), so checksum reads never serialise its callers.
+listing (checks run in a thread), so checksum reads never serialise its callers. Nor does it import
+torch (a second or two of CPU in every sweep's actor): it handles requests (`trials/requests.py`),
+and the planning that needs the U-Net's block table runs in a task (`plan_task`), as extraction does.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from trials.features import (ExtractStats, FeatureRequest, FillOptions, computes, extraction_memory_bytes,
-                             fill_part, fill_request, plan_parts)
-from trials.pooled import build_pooled, pooled_side
+from trials.requests import ExtractStats, FeatureRequest, FillOptions, PartJob, extraction_memory_bytes, plan_parts
 from trials.store import CorruptFeatureFile, FeatureArray, FeatureStore
 
 LEASE_TTL_S = 30.0
@@ -35,8 +35,18 @@ RENEW_S = 5.0
 
 
 @ray.remote(max_retries=3)
-def extract_task(job) -> ExtractStats:
+def extract_task(job: PartJob) -> ExtractStats:
+    from trials.features import fill_part  # torch: in the extraction worker, never in the coordinator
+
     return fill_part(job)
+
+
+@ray.remote(num_cpus=0)  # no resources: it never waits behind trials that hold them
+def plan_task(missing: list[FeatureRequest], options: FillOptions) -> list[tuple[PartJob, int]]:
+    """The parts of `missing`, each with the host memory its extraction task needs. Both read the
+    U-Net's block table, which imports torch; the worker that does it goes on to extract."""
+    return [(job, extraction_memory_bytes(job.request, options.batch_size))
+            for sub in missing for job in plan_parts(sub, options)]
 
 
 @dataclass
@@ -73,11 +83,18 @@ class FeatureCoordinator:
                     return []
                 if group in self.inflight or group in self.leases:  # someone started while we looked
                     continue
-                jobs = [job for sub in missing for job in plan_parts(sub, options)]
-                refs = [extract_task.options(**self.task_options,
-                                             memory=extraction_memory_bytes(job.request, options.batch_size)).remote(job)
-                        for job in jobs]
+                # claimed before the plan is awaited, so no other caller launches this group meanwhile
+                planned = asyncio.get_running_loop().create_future()
+                self.inflight[group] = [planned]
+                try:
+                    jobs = await plan_task.remote(missing, options)
+                except BaseException as e:
+                    del self.inflight[group]
+                    planned.set_exception(e)
+                    raise
+                refs = [extract_task.options(**self.task_options, memory=memory).remote(job) for job, memory in jobs]
                 self.inflight[group] = refs
+                planned.set_result(None)
                 self.launches[group] = self.launches.get(group, 0) + 1
             try:
                 stats = [await ref for ref in refs]
@@ -157,6 +174,8 @@ def ensure_in_trial(coordinator, request: FeatureRequest, options: FillOptions, 
     worker computes the request's numeric path (its device is already held); otherwise the
     coordinator's tasks do it (this trial then holds no device of the kind they need). Without a
     coordinator (no Ray: benchmarks, one process) it is simply computed here."""
+    from trials.features import computes, fill_request  # a trial's process: torch is there already
+
     store = FeatureStore(options.store_root)
     if coordinator is None:
         fill_request(request, options, verify=True, device=device)
@@ -176,6 +195,8 @@ def read_pooled(coordinator, store: FeatureStore, request: FeatureRequest, t: in
                 pools: tuple[int, ...]) -> FeatureArray:
     """The p×p pooled cache of one map, built once cluster-wide (with every pool in `pools` in the
     same pass over the map)."""
+    from trials.pooled import build_pooled, pooled_side
+
     key = request.key(t, block)
     side = request.shapes()[block].side
     pooled = key.pooled(pooled_side(pool, side))
