@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.config import ConfigError, SweepConfig
 from trials.features import BackboneSpec, DatasetSpec, numeric_path
+from trials.requests import with_block_table
 
 log = logging.getLogger("diffsweep")
 STATE_FILE = "diffsweep_sweep.json"
@@ -37,11 +38,14 @@ def model_spec(cfg: SweepConfig, arch: str | dict, path: Path | None, what: str)
 
     arch_key = arch if isinstance(arch, str) else tuple(sorted(arch.items()))
     if path is None:
-        return BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
-    if not path.is_file():
+        spec = BackboneSpec(arch_key, None, f"random:{cfg.seed}", cfg.checkpoint.schedule, cfg.checkpoint.class_label)
+    elif not path.is_file():
         raise ConfigError(f"{what}: {path} not found; pass the path of a .pt or .safetensors file "
                           "(or leave it empty for the shipped model)")
-    return BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule, cfg.checkpoint.class_label)
+    else:
+        spec = BackboneSpec(arch_key, str(path), sha256_file(path), cfg.checkpoint.schedule,
+                            cfg.checkpoint.class_label)
+    return with_block_table(spec)  # so the sweep's feature coordinator plans without torch
 
 
 def backbone_spec(cfg: SweepConfig) -> BackboneSpec:

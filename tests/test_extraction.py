@@ -14,9 +14,11 @@ import ray
 from trials.coordinator import ensure_in_trial, get_coordinator, read_pooled
 from trials.features import (BackboneSpec, DatasetSpec, FeatureRequest, FillOptions, fill_part, fill_request,
                              plan_parts)
+from trials.requests import with_block_table
 from trials.store import FeatureStore
 
-BACKBONE = BackboneSpec("adm-28-small", None, "random:0")
+# as a sweep makes it: carrying its block table (the coordinator plans parts with it, without torch)
+BACKBONE = with_block_table(BackboneSpec("adm-28-small", None, "random:0"))
 DIGITS = DatasetSpec("digits", limits=(("train", 400),))
 
 
@@ -47,7 +49,7 @@ def test_eight_concurrent_requests_cause_one_extraction(ray_local, tmp_path):
     assert ray.get(c.fill.remote(request(), options)) == []
     assert ray.get(c.launch_counts.remote())[group] == 1
     # the coordinator planned and launched all that without torch in its own process: a sweep's
-    # actor costs an interpreter with Ray, not one with torch (the worker that planned extracts)
+    # actor costs an interpreter with Ray, not one with torch
     pid = ray._private.state.actors(c._actor_id.hex())["Pid"]
     assert "libtorch" not in open(f"/proc/{pid}/maps").read()
 

@@ -13,8 +13,8 @@ Everyone else who asks for a group while it is computed waits for it, then looks
 A lease is renewed by its holder every few seconds; one not renewed for `LEASE_TTL_S` (its holder
 died) is taken over by the next waiter. The coordinator does no file I/O on its event loop except
 listing (checks run in a thread), so checksum reads never serialise its callers. Nor does it import
-torch (a second or two of CPU in every sweep's actor): it handles requests (`trials/requests.py`),
-and the planning that needs the U-Net's block table runs in a task (`plan_task`), as extraction does.
+torch (2.3 CPU-seconds in every sweep's actor): it handles requests (`trials/requests.py`), whose
+backbone carries the block table that planning needs.
 """
 
 from __future__ import annotations
@@ -39,14 +39,6 @@ def extract_task(job: PartJob) -> ExtractStats:
     from trials.features import fill_part  # torch: in the extraction worker, never in the coordinator
 
     return fill_part(job)
-
-
-@ray.remote(num_cpus=0)  # no resources: it never waits behind trials that hold them
-def plan_task(missing: list[FeatureRequest], options: FillOptions) -> list[tuple[PartJob, int]]:
-    """The parts of `missing`, each with the host memory its extraction task needs. Both read the
-    U-Net's block table, which imports torch; the worker that does it goes on to extract."""
-    return [(job, extraction_memory_bytes(job.request, options.batch_size))
-            for sub in missing for job in plan_parts(sub, options)]
 
 
 @dataclass
@@ -83,18 +75,11 @@ class FeatureCoordinator:
                     return []
                 if group in self.inflight or group in self.leases:  # someone started while we looked
                     continue
-                # claimed before the plan is awaited, so no other caller launches this group meanwhile
-                planned = asyncio.get_running_loop().create_future()
-                self.inflight[group] = [planned]
-                try:
-                    jobs = await plan_task.remote(missing, options)
-                except BaseException as e:
-                    del self.inflight[group]
-                    planned.set_exception(e)
-                    raise
-                refs = [extract_task.options(**self.task_options, memory=memory).remote(job) for job, memory in jobs]
+                jobs = [job for sub in missing for job in plan_parts(sub, options)]
+                refs = [extract_task.options(**self.task_options,
+                                             memory=extraction_memory_bytes(job.request, options.batch_size)).remote(job)
+                        for job in jobs]
                 self.inflight[group] = refs
-                planned.set_result(None)
                 self.launches[group] = self.launches.get(group, 0) + 1
             try:
                 stats = [await ref for ref in refs]

@@ -1,9 +1,9 @@
 """What to extract, and how it is cut: `FeatureRequest` ("these maps of this dataset split"), its
 backbone and dataset, and `plan_parts`, which cuts it into byte-bounded parts (`PartJob`).
 
-Plain Python (numpy, pyarrow, no torch at import): the feature coordinator, a long-lived Ray actor in
-every sweep, unpickles these objects and looks them up in the store without paying for torch; only
-the U-Net's block table (shapes, part sizes, task memory) imports it, in the process that plans.
+Plain Python (no torch): the feature coordinator, a Ray actor in every sweep, unpickles these objects,
+looks them up in the store and plans their parts without paying for torch. Planning needs the U-Net's
+block table; a sweep's backbone carries it (`with_block_table`), else it is built here (with torch).
 `trials/features.py` computes what a request names.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from trials.datasets import Sample, load_dataset
 from trials.datasets.splits import sweep_splits
 from trials.store import CorruptFeatureFile, FeatureKey, FeatureStore, files_digest
-from trials.unet_config import make_config
+from trials.unet_config import BlockInfo, make_config
 
 DEFAULT_PART_BYTES = 256 * 2 ** 20
 
@@ -32,6 +32,11 @@ class BackboneSpec:
     sha256: str
     schedule: str = "linear"
     class_label: int | str | None = None
+    # The architecture's block table and parameter count, when the caller has them (`with_block_table`):
+    # they travel inside every request, so a process that plans parts without building a U-Net (the
+    # sweep's coordinator) needs no torch. Facts of `arch`, not part of the identity (keys, caches).
+    blocks: tuple[BlockInfo, ...] = field(default=(), compare=False, repr=False)
+    params: int = field(default=0, compare=False, repr=False)
 
     @property
     def flags(self) -> dict[str, Any]:
@@ -40,6 +45,21 @@ class BackboneSpec:
     @property
     def arch_config(self) -> str | dict:
         return self.arch if isinstance(self.arch, str) else dict(self.arch)
+
+    def block_table(self) -> tuple[BlockInfo, ...]:
+        if self.blocks:
+            return self.blocks
+        from trials.blocks import block_table  # builds the U-Net on the meta device: torch
+
+        return tuple(block_table(self.arch_config))
+
+    def param_count(self) -> int:
+        return self.params or _param_count(self.arch)
+
+
+def with_block_table(spec: BackboneSpec) -> BackboneSpec:
+    """`spec` carrying its architecture's block table and parameter count (see `BackboneSpec.blocks`)."""
+    return replace(spec, blocks=spec.block_table(), params=spec.param_count())
 
 
 @dataclass(frozen=True)
@@ -113,9 +133,7 @@ class FeatureRequest:
         return [(int(t), int(b)) for t in self.ts for b in self.blocks]
 
     def shapes(self) -> dict[int, MapShape]:
-        from trials.blocks import block_table  # builds the U-Net on the meta device: torch, imported here only
-
-        table = {row.number: row for row in block_table(self.backbone.arch_config)}
+        table = {row.number: row for row in self.backbone.block_table()}
         return {b: MapShape(table[b].channels, min(table[b].resolution, self.max_spatial), table[b].resolution)
                 for b in self.blocks}
 
@@ -190,12 +208,10 @@ def extraction_memory_bytes(request: FeatureRequest, batch_size: int) -> int:
     interpreter with torch and pyarrow, and on a CPU the activations of one batch (every input
     block's output is kept for the skip connections, plus working space of a few maps at the widest
     block). On a GPU the activations live in device memory, and the host holds the decoded images."""
-    from trials.blocks import block_table
-
-    table = block_table(request.backbone.arch_config)
+    table = request.backbone.block_table()
     deepest = max(request.blocks)
     flags = request.backbone.flags
-    params = _param_count(request.backbone.arch)
+    params = request.backbone.param_count()
     image = flags["in_channels"] * flags["image_size"] ** 2
     if request.numeric.startswith("cuda"):
         act = image * 2  # the decoded batch and its pinned copy

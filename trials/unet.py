@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import nn
 
 # the architecture flags are plain Python in their own module (processes that only name or key a
 # model need no torch); callers may import them from here too
-from trials.unet_config import ARCHITECTURES, UNetConfig, make_config  # noqa: F401
+from trials.unet_config import ARCHITECTURES, BlockInfo, UNetConfig, make_config  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,16 +157,6 @@ class TimestepEmbedSequential(nn.Sequential):
 
 # ----------------------------------------------------------------------------------------------
 # The network
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    """One block in the paper's numbering, as recorded when the model is built (timm's feature_info)."""
-
-    number: int  # paper numbering, 1-based: input_blocks, middle_block, output_blocks
-    module: str  # module path in the state dict, e.g. "output_blocks.4"
-    channels: int
-    resolution: int  # spatial size (square) at the architecture's image size
 
 
 def _down(side: int, conv: bool) -> int:

@@ -113,3 +113,13 @@ def make_config(config: str | dict[str, Any] | UNetConfig) -> UNetConfig:
     if "attention_resolutions" in kw:
         kw["attention_resolutions"] = _csv(kw["attention_resolutions"], int)
     return UNetConfig(**kw)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block in the paper's numbering, as recorded when the model is built (timm's feature_info)."""
+
+    number: int  # paper numbering, 1-based: input_blocks, middle_block, output_blocks
+    module: str  # module path in the state dict, e.g. "output_blocks.4"
+    channels: int
+    resolution: int  # spatial size (square) at the architecture's image size
