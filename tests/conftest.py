@@ -72,6 +72,26 @@ def shared_features(tmp_path_factory) -> Path:
     return session_root(tmp_path_factory) / "shared_features"
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its schema built, made once per run (xdist workers share it).
+    MLflow builds a new store's schema by running every one of its migrations when the file is first
+    opened (1.5 CPU-seconds, measured); the sweeps of tests about something else start from a copy
+    (`tiny_space(..., mlflow_template=...)`, test_faults_mlflow.py's server). Stores still made from
+    nothing: tests/test_tracking.py, test_cli.py, test_cka.py, the class-conditional and multi-node
+    sweeps, the benchmarks."""
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    path = session_root(tmp_path_factory) / "mlflow_template.db"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            building = path.with_name("mlflow_template.building.db")
+            MlflowClient(f"sqlite:///{building}").search_experiments()
+            building.rename(path)  # whole or not at all
+    return path
+
+
 @dataclass(frozen=True)
 class SharedSweep:
     folder: Path  # the sweep's store, MLflow sqlite, Tune storage and exports
@@ -82,7 +102,7 @@ class SharedSweep:
 
 
 @pytest.fixture(scope="session")
-def shared_sweep(tmp_path_factory) -> SharedSweep:
+def shared_sweep(tmp_path_factory, mlflow_template) -> SharedSweep:
     """One real tiny sweep (digits + Fashion-MNIST, `diffsweep.run(..., register_model="digits-clf")`
     from an empty store) that test_sweep_e2e, test_mlflow_model and test_select all read. The xdist
     worker that asks first makes it under a file lock; the others wait on the lock and read its files
@@ -101,7 +121,8 @@ def shared_sweep(tmp_path_factory) -> SharedSweep:
             datasets = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 800}}]
             if fashion_mnist_available():
                 datasets.append({"name": "fashion_mnist", "limit": {"train": 400, "val": 150, "test": 200}})
-            space = tiny_space(folder, name="shared", datasets=datasets, max_concurrent=2)  # two trials, as users run it
+            space = tiny_space(folder, name="shared", datasets=datasets, max_concurrent=2,  # two trials, as users run it
+                               mlflow_template=mlflow_template)
             assert not (folder / "features").exists()  # every feature file is made by this sweep
             started = time.time_ns()
             with small_ray():  # only the worker that runs the sweep starts a Ray, for the sweep only

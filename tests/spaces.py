@@ -1,6 +1,7 @@
 """Small sweep specs for the tests, written into a temporary folder with absolute paths."""
 
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -11,8 +12,10 @@ SERIAL_EXTRACTION = {"extract_cpu": min(2, os.cpu_count() or 1)}
 
 
 def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: Path | None = None,
-               serial_extraction: bool = True, **search) -> Path:
+               serial_extraction: bool = True, mlflow_template: Path | None = None, **search) -> Path:
     """`store`: a feature store to use (conftest's `shared_features`) instead of tmp/features.
+    `mlflow_template`: conftest's empty MLflow store, copied to tmp/mlruns.db (without it the sweep's
+    first MLflow call creates the store, as a user's does; the bad-input tests check it never does).
     `serial_extraction`: each extraction task asks for two CPUs (`resources.extract_cpu`), so on the
     suite's two-CPU Rays one worker process runs a sweep's part tasks one after another instead of two
     processes each importing torch and loading the U-Net (a one-trial CLI sweep: 33.3 -> 24.3 CPU-s).
@@ -37,6 +40,8 @@ def tiny_space(tmp: Path, name: str = "tiny", datasets=None, heads=None, store: 
     }
     if serial_extraction:
         spec["resources"] = dict(SERIAL_EXTRACTION)
+    if mlflow_template is not None:
+        shutil.copyfile(mlflow_template, tmp / "mlruns.db")
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.network
-def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path):
-    space = tiny_space(tmp_path, num_samples=NUM_SAMPLES, datasets=DIGITS, serial_extraction=False)
+def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, mlflow_template):
+    space = tiny_space(tmp_path, num_samples=NUM_SAMPLES, datasets=DIGITS, serial_extraction=False,
+                       mlflow_template=mlflow_template)
     ray_tmp = _private_tmp("dsj-")
     env = _env(ray_tmp)
     t0 = time.monotonic()

@@ -59,9 +59,9 @@ def start(args, tmp):
                             stdout=open(tmp / "driver.log", "a"), stderr=subprocess.STDOUT)
 
 
-def test_driver_killed_mid_sweep_then_resumed(tmp_path):
+def test_driver_killed_mid_sweep_then_resumed(tmp_path, mlflow_template):
     digits = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 600}}]
-    space = tiny_space(tmp_path, name="drv", datasets=digits, num_samples=4)
+    space = tiny_space(tmp_path, name="drv", datasets=digits, num_samples=4, mlflow_template=mlflow_template)
     driver = start(["run", str(space)], tmp_path)
     # kill the driver once at least one trial has finished and another has started
     wait_for(lambda: sum(len(v) >= 3 for v in results(tmp_path / "ray", "drv").values()) >= 1

@@ -1,6 +1,7 @@
 """Faults: the MLflow server stopped at a trial's start and restarted (its own file: xdist runs files in parallel)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,13 +76,14 @@ def timed_sweep(tmp: Path, name: str, url: str, during=None) -> float:
 
 
 @pytest.mark.network
-def test_mlflow_server_down_at_a_trials_start(tmp_path):
+def test_mlflow_server_down_at_a_trials_start(tmp_path, mlflow_template):
     # no MLflow HTTP bounds in this test's environment: the drivers inherit it, and there a 5 s bound
     # also reached the parent run's calls (orchestrator/tracking.py `bounded_http` keeps those at MLflow's
     # defaults) and failed a driver's set-up on a loaded machine; this test's client only talks to a
     # running server
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    shutil.copyfile(mlflow_template, tmp_path / "server.db")  # the server's store, its schema built
     server = mlflow_server(tmp_path, port)
     outage = {}
     try:

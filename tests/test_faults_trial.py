@@ -11,13 +11,13 @@ from tests.test_faults import children, results, start, wait_for
 pytestmark = pytest.mark.slow
 
 
-def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path):
+def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, mlflow_template):
     digits = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300}}]
     # an attention head: slow enough per epoch that the kill lands between the first and last epoch
     # (measured alone: 1.8-2.0 s per epoch at block 4, 0.45 s at block 8; 600 images took twice that)
     space = tiny_space(tmp_path, name="wrk", datasets=digits, num_samples=2, max_concurrent=1,
                        heads={"attention": {"dim": [64], "depth": [2]}},
-                       asha={"max_t": 4, "grace_period": 4, "reduction_factor": 2})
+                       asha={"max_t": 4, "grace_period": 4, "reduction_factor": 2}, mlflow_template=mlflow_template)
     driver = start(["run", str(space)], tmp_path)
 
     def early_trial():

@@ -60,11 +60,12 @@ def _start_head(ray_tmp: Path, env: dict, log: Path) -> tuple[subprocess.Popen, 
     raise AssertionError(f"ray start --head did not come up:\n{log.read_text()[-3000:]}")
 
 
-def run_driver(tmp: Path, env: dict, store: Path) -> tuple[int, str]:
+def run_driver(tmp: Path, env: dict, store: Path, mlflow_template: Path) -> tuple[int, str]:
     # one trial: what is checked is where the sweep's Ray comes from, not the search (nor the extraction:
     # the session's shared store)
     space = tiny_space(tmp, num_samples=1, asha={"max_t": 2, "grace_period": 1, "reduction_factor": 2},
-                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}], store=store)
+                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}], store=store,
+                       mlflow_template=mlflow_template)
     driver = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(space)], cwd=tmp, env=env,
                             capture_output=True, text=True, timeout=400)
     return driver.returncode, driver.stdout + driver.stderr
@@ -82,7 +83,7 @@ def kill_everything_under(ray_tmp: Path) -> None:
             pass
 
 
-def test_a_live_local_cluster_is_joined_in_one_line(tmp_path, shared_features):
+def test_a_live_local_cluster_is_joined_in_one_line(tmp_path, shared_features, mlflow_template):
     ray_tmp = _private_tmp("dsl-")
     env = _env(ray_tmp)
     try:
@@ -90,7 +91,7 @@ def test_a_live_local_cluster_is_joined_in_one_line(tmp_path, shared_features):
         try:
             before = sessions(ray_tmp)
             t0 = time.monotonic()
-            rc, output = run_driver(tmp_path, env, shared_features)
+            rc, output = run_driver(tmp_path, env, shared_features, mlflow_template)
             print(f"sweep on the joined head: {time.monotonic() - t0:.1f}s")
             after = sessions(ray_tmp)
         finally:
@@ -106,7 +107,7 @@ def test_a_live_local_cluster_is_joined_in_one_line(tmp_path, shared_features):
     assert (tmp_path / "exported" / "digits.yaml").is_file()
 
 
-def test_a_stale_local_cluster_address_starts_a_fresh_instance(tmp_path, shared_features):
+def test_a_stale_local_cluster_address_starts_a_fresh_instance(tmp_path, shared_features, mlflow_template):
     ray_tmp = _private_tmp("dss-")
     env = _env(ray_tmp)
     try:
@@ -118,7 +119,7 @@ def test_a_stale_local_cluster_address_starts_a_fresh_instance(tmp_path, shared_
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text(address + "\n")
         assert not answers(address)
-        rc, output = run_driver(tmp_path, env, shared_features)
+        rc, output = run_driver(tmp_path, env, shared_features, mlflow_template)
     finally:
         kill_everything_under(ray_tmp)  # the fresh instance shuts down with its driver; this is a backstop
         shutil.rmtree(ray_tmp, ignore_errors=True)

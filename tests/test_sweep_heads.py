@@ -12,12 +12,12 @@ from tests.spaces import tiny_space
 pytestmark = pytest.mark.slow
 
 
-def test_every_head_type_runs_to_completion(ray_local, tmp_path, shared_features):
+def test_every_head_type_runs_to_completion(ray_local, tmp_path, shared_features, mlflow_template):
     heads = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
              "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
     space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
-                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
+                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2}, mlflow_template=mlflow_template)
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(t=[10], block=[8], pool=[2], fusion_maps=[[[10, 4], [10, 8]]])
@@ -28,14 +28,14 @@ def test_every_head_type_runs_to_completion(ray_local, tmp_path, shared_features
     assert (table["status"] == "completed").all() and (table["head_params"] > 0).all()
 
 
-def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_features):
+def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_features, mlflow_template):
     """A mixing head over every (t, block) of the space, beside single-map linear trials: the trial's
     child run gets its learned weights as a heatmap, the parent gets the best one with its rank
     correlation against the val_acc heatmap. (Two noise draws: the next test.)"""
     heads = {"linear": {}, "mixing": {"dim": [16], "side": [4]}}
     space = tiny_space(tmp_path, name="mixing", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
-                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2})
+                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2}, mlflow_template=mlflow_template)
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(pool=[1])
@@ -62,7 +62,7 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_
 
 
 def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_own_accuracy(ray_local, tmp_path,
-                                                                                            capsys):
+                                                                                            mlflow_template, capsys):
     """The export of a mixing head (attention classifier) on k=2 features made with `store.numeric:
     cpu-bf16` rebuilds the same head from its YAML (its (t, block) labels, hence its per-block
     bottlenecks) and the same features (k draws, bf16 arithmetic): `diffsweep evaluate` gives the test
@@ -70,7 +70,7 @@ def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_ow
     heads = {"mixing": {"dim": [16], "side": [4], "classifier": ["attention"]}}
     space = tiny_space(tmp_path, name="mixing-export", heads=heads, sampler="grid",
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300, "test": 200}}],
-                       asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2})
+                       asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2}, mlflow_template=mlflow_template)
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(pool=[1], noise_draws=[2])

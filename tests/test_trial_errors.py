@@ -12,11 +12,13 @@ from tests.spaces import tiny_space
 pytestmark = pytest.mark.slow
 
 
-def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path, shared_features, capsys):
+def test_every_trial_failing_is_reported_and_exits_non_zero(ray_local, tmp_path, shared_features, mlflow_template,
+                                                           capsys):
     # an attention width its head count does not divide: valid YAML, fails inside every trial
     space = tiny_space(tmp_path, name="failing", heads={"attention": {"dim": [30], "heads": [4], "depth": [1]}},
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}], store=shared_features,
-                       num_samples=2, max_failures=0, asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2})
+                       num_samples=2, max_failures=0, asha={"max_t": 1, "grace_period": 1, "reduction_factor": 2},
+                       mlflow_template=mlflow_template)
     assert main(["run", str(space)]) == 1
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if line.startswith("trial ") and " failed: " in line]
