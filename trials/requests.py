@@ -72,6 +72,7 @@ class DatasetSpec:
     options: tuple = ()  # loader options, e.g. (("level", "family"),)
     seed: int = 0
 
+
 @functools.lru_cache(maxsize=8)
 def dataset_splits(spec: DatasetSpec) -> tuple[list[str], dict[str, list[Sample]]]:
     data = load_dataset(spec.name, spec.root, **dict(spec.options))
@@ -81,6 +82,7 @@ def dataset_splits(spec: DatasetSpec) -> tuple[list[str], dict[str, list[Sample]
 def preprocessing(model_flags: dict[str, Any]) -> dict[str, Any]:
     return {"image_size": model_flags["image_size"], "channels": model_flags["in_channels"],
             "resize": "shorter-side bicubic + center crop", "range": "[-1, 1]"}
+
 
 @dataclass(frozen=True)
 class MapShape:
@@ -164,6 +166,7 @@ def _stored(store: FeatureStore, key: FeatureKey, verify: bool) -> bool:
             store.delete(key)
             return False
     return True
+
 
 @dataclass(frozen=True)
 class FillOptions:
