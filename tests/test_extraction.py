@@ -50,7 +50,7 @@ def test_eight_concurrent_requests_cause_one_extraction(ray_local, tmp_path):
     assert ray.get(c.launch_counts.remote())[group] == 1
     # the coordinator planned and launched all that without torch in its own process: a sweep's
     # actor costs an interpreter with Ray, not one with torch
-    pid = ray._private.state.actors(c._actor_id.hex())["Pid"]
+    pid = ray._private.state.actors(c._actor_id.hex())["Pid"]  # (Ray's public state API needs the dashboard)
     assert "libtorch" not in open(f"/proc/{pid}/maps").read()
 
 
