@@ -198,6 +198,12 @@ class Store(Strict):
     compile: bool | None = None
 
 
+class Selection(Strict):
+    # export the k best completed trials of each dataset as one ensemble (mean of their class
+    # probabilities) when it beats the best single trial on validation; 1: the best trial alone
+    ensemble: int = Field(1, ge=1, le=16)
+
+
 class Tracking(Strict):
     # MLflow's own MLFLOW_TRACKING_URI wins over the built-in default (a local sqlite file)
     uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
@@ -216,6 +222,7 @@ class SweepConfig(Strict):
     resources: Resources = Resources()
     store: Store = Store()
     tracking: Tracking = Tracking()
+    selection: Selection = Selection()
     storage_path: str = "runs/ray"
     export_dir: str = "exported"
 

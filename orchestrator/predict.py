@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from orchestrator.export import resolve_checkpoint_path
 from trials.ddpm import sha256_file
 from trials.features import BackboneSpec
+from trials.ensemble import EnsembleHead
 from trials.heads import build_head_for_maps
 from trials.store import FeatureArray
 from trials.train_head import split_hparams
@@ -62,14 +63,26 @@ def load_exported(path: str | Path) -> Exported:
                               "use the checkpoint the sweep used")
         spec = BackboneSpec(tuple(sorted(ck["arch"].items())), str(weights), ck["sha256"], ck["schedule"],
                             ck.get("class_label"))
-    h = doc["head"]
-    head_kw, _ = split_hparams(h["hparams"])  # optimisation settings do not shape the head
-    head = build_head_for_maps(h["type"], doc["features"]["shapes"], doc["dataset"]["num_classes"], **head_kw)
+    head = build_exported_head(doc)
     weights = path.with_suffix(".safetensors")
     if not weights.is_file():
         raise ExportError(f"exported config {path}: head weights {weights} missing; export the sweep again")
     head.load_state_dict(load_file(str(weights)))
     return Exported(doc, head.eval(), spec)
+
+
+def build_exported_head(doc: dict[str, Any]) -> torch.nn.Module:
+    """The untrained head an export describes: one head, or an ensemble of its members."""
+    def build(h: dict[str, Any], shapes) -> torch.nn.Module:
+        head_kw, _ = split_hparams(h["hparams"])  # optimisation settings do not shape the head
+        return build_head_for_maps(h["type"], shapes, doc["dataset"]["num_classes"], **head_kw)
+
+    h = doc["head"]
+    if h["type"] != "ensemble":
+        return build(h, doc["features"]["shapes"])
+    maps = [list(m) for m in doc["features"]["maps"]]
+    return EnsembleHead([build(m, m["shapes"]) for m in h["members"]],
+                        [[maps.index(list(x)) for x in m["maps"]] for m in h["members"]])
 
 
 def classifier(config_path: str | Path, device: str = "cpu"):

@@ -27,9 +27,14 @@ def print_summary(cfg, outcome) -> int:
     print(header)
     print("-" * len(header))
     for dataset, s in outcome.selected.items():
-        pool = "-" if s.get("pool") in (None, "") else s["pool"]
-        print(f"{dataset:<16} {s['t']:>5} {s['block']:>5} {pool!s:>4}  {s['head']:<10} {s['val_acc']:>8.4f} "
-              f"{s['test_acc']:>8.4f}")
+        members = s.get("members") or [s]
+        if len(members) > 1:  # an ensemble: its accuracies, then what each member reads
+            print(f"{dataset:<16} {'':>5} {'':>5} {'':>4}  {s['head']:<10} {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}")
+        for m in members:
+            pool = "-" if m.get("pool") in (None, "") else m["pool"]
+            name, head = (dataset, m["head"]) if len(members) == 1 else ("", f"+ {m['head']}")
+            accuracies = f" {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}" if len(members) == 1 else ""
+            print(f"{name:<16} {m['t']:>5} {m['block']:>5} {pool!s:>4}  {head:<10}{accuracies}")
     missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected))
     for dataset in missing:
         rows = table[(table.dataset == dataset)] if len(table) else table

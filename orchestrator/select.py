@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +73,20 @@ def _checkpoint_uri(checkpoint) -> str | None:
     return checkpoint.path if fs is None or fs.type_name == "local" else f"{fs.type_name}://{checkpoint.path}"
 
 
-def select_best(table: pd.DataFrame) -> dict[str, pd.Series]:
-    """Per dataset, among trials that ran to max_t: highest final validation accuracy; ties go to the
-    smaller head, then to the earlier trial. Test accuracy plays no part."""
+def select_top(table: pd.DataFrame, k: int = 1) -> dict[str, pd.DataFrame]:
+    """Per dataset, its k best trials among those that ran to max_t: highest final validation
+    accuracy first; ties go to the smaller head, then to the earlier trial. Test accuracy plays no part."""
     chosen = {}
     for dataset, rows in table[table.status == "completed"].groupby("dataset"):
         rows = rows.assign(_order=range(len(rows))).sort_values(["val_acc", "head_params", "_order"],
                                                                  ascending=[False, True, True])
-        chosen[dataset] = rows.iloc[0]
+        chosen[dataset] = rows.drop(columns="_order").iloc[:k]
     return chosen
+
+
+def select_best(table: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per dataset, the best trial of `select_top`."""
+    return {dataset: rows.iloc[0] for dataset, rows in select_top(table, 1).items()}
 
 
 def mixing_rank_correlation(rows: pd.DataFrame) -> tuple[pd.Series, float] | None:
@@ -107,6 +113,19 @@ def mixing_rank_correlation(rows: pd.DataFrame) -> tuple[pd.Series, float] | Non
     return best, float(spearmanr(both["acc"], both["w"]).statistic)
 
 
+@dataclass(frozen=True)
+class Member:
+    """One trained head of a selection (a selection of one, or an ensemble's member)."""
+    row: pd.Series
+    config: dict[str, Any]
+    trainer: Any  # trials.train_head.HeadTrainer, restored from the trial's checkpoint
+
+    @property
+    def maps(self) -> list[tuple[int, int]]:
+        from trials.trainable import trial_maps
+        return trial_maps(self.config)
+
+
 def restore_trainer(setup, row: pd.Series, arrays):
     from trials.features import dataset_splits
     from trials.train_head import HeadTrainer
@@ -124,17 +143,54 @@ def restore_trainer(setup, row: pd.Series, arrays):
     return trainer, config
 
 
+def split_logits(setup, coordinator, dataset: str, split: str, rows: pd.DataFrame) -> tuple[list[Member], list, Any]:
+    """Each row's head restored and run on one split: (members, their logits, the split's labels)."""
+    from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
+
+    members, logits, labels = [], [], None
+    for _, row in rows.iterrows():
+        config = row_config(row)
+        arrays = load_split(setup, dataset, split, trial_maps(config), trial_pool(config), coordinator,
+                            draws=trial_draws(config))
+        trainer, config = restore_trainer(setup, row, arrays)
+        members.append(Member(row, config, trainer))
+        logits.append(trainer.logits(arrays))
+        labels = arrays[0].labels
+    return members, logits, labels
+
+
+def choose_members(setup, coordinator, dataset: str, top: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """The best trial alone, or the top trials as an ensemble when the mean of their probabilities
+    is more accurate on validation (ties go to the single trial). Returns (rows, their val_acc)."""
+    from trials.ensemble import mean_softmax
+    from trials.trainable import trial_draws
+
+    best = top.iloc[:1]
+    # an export extracts once: members read maps of the best trial's number of noise draws
+    draws = [trial_draws(row_config(row)) for _, row in top.iterrows()]
+    top = top[[d == draws[0] for d in draws]]
+    if len(top) < 2:
+        return best, float(best.iloc[0]["val_acc"])
+    _, logits, labels = split_logits(setup, coordinator, dataset, "val", top)
+    ensemble_acc = float((mean_softmax(logits).argmax(1).numpy() == labels).mean())
+    print(f"{dataset}: ensemble of the {len(top)} best trials: val_acc {ensemble_acc:.4f}, best single "
+          f"{float(best.iloc[0]['val_acc']):.4f}", flush=True)
+    if ensemble_acc > float(best.iloc[0]["val_acc"]):
+        return top, ensemble_acc
+    return best, float(best.iloc[0]["val_acc"])
+
+
 def select_and_export(cfg, setup, grid, parent, callback, register_model: str | None = None) -> Any:
     from orchestrator.export import export_selection
     from orchestrator.mlflow_model import log_winner, registered_name
     from orchestrator.plots import accuracy_heatmap, weights_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
+    from trials.ensemble import mean_softmax
     from trials.features import dataset_splits
-    from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
 
     table = results_table(grid, cfg.epochs)
-    chosen = select_best(table)
+    chosen = select_top(table, cfg.selection.ensemble)
     out_dir = Path(cfg.export_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     coordinator = get_coordinator(cfg.name, setup.extract_options)
@@ -157,23 +213,21 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                 (out_dir / png.name).write_bytes(png.read_bytes())
                 if np.isfinite(rho):
                     parent.client.log_metric(parent.run_id, f"{dataset}.mixing_rank_corr", rho)
-        for dataset, row in chosen.items():
-            config = row_config(row)
-            maps = trial_maps(config)
-            # the test split, once, for the winner
-            test = load_split(setup, dataset, "test", maps, trial_pool(config), coordinator,
-                              draws=trial_draws(config))
-            trainer, config = restore_trainer(setup, row, test)
-            test_acc = trainer.accuracy(test)
-            run_id = callback.run_id_of(row["trial_id"])
-            files = export_selection(cfg, setup, dataset, config, trainer, float(row["val_acc"]), test_acc,
-                                     out_dir, parent.run_id, run_id, int(row["head_params"]))
+        for dataset, top in chosen.items():
+            rows, val_acc = choose_members(setup, coordinator, dataset, top)  # validation only
+            # the test split, once, for the selection
+            members, logits, labels = split_logits(setup, coordinator, dataset, "test", rows)
+            test_acc = float((mean_softmax(logits).argmax(1).numpy() == labels).mean())
+            run_ids = [callback.run_id_of(m.row["trial_id"]) for m in members]
+            files = export_selection(cfg, setup, dataset, members=members, val_acc=val_acc, test_acc=test_acc,
+                                     out_dir=out_dir, parent_run_id=parent.run_id, run_ids=run_ids)
             for f in files:
                 parent.client.log_artifact(parent.run_id, str(f), artifact_path=f"exported/{dataset}")
-            parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", float(row["val_acc"]))
+            parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", val_acc)
             parent.client.log_metric(parent.run_id, f"{dataset}.test_acc", test_acc)
+            described = [{k: m.config.get(k) for k in ("head", "t", "block", "pool")} for m in members]
             parent.client.set_tag(parent.run_id, f"diffsweep.winner.{dataset}",
-                                  json.dumps({k: config.get(k) for k in ("head", "t", "block", "pool")}))
+                                  json.dumps(described[0] if len(members) == 1 else described))
             # the winner as an MLflow model under the parent run: runs:/<parent_run_id>/<dataset>
             model_uri = None
             try:
@@ -186,8 +240,9 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                 model_failures += 1
                 print(f"warning: {dataset}: the MLflow model could not be logged ({str(e).splitlines()[0][:200]})",
                       flush=True)
-            selected[dataset] = {**{k: config.get(k) for k in ("head", "t", "block", "pool")},
-                                 "val_acc": float(row["val_acc"]), "test_acc": test_acc,
+            head = described[0] if len(members) == 1 else \
+                {"head": f"ensemble of {len(members)}", "t": None, "block": None, "pool": None}
+            selected[dataset] = {**head, "members": described, "val_acc": val_acc, "test_acc": test_acc,
                                  "yaml": str(files[0]), "weights": str(files[1]), "model_uri": model_uri}
     table.to_parquet(out_dir / "results.parquet", index=False)
     return SweepOutcome(table, selected, parent.run_id, out_dir, callback.gaps + model_failures)

@@ -74,6 +74,7 @@ class HeadTrainer:
     def __init__(self, head: str, hparams: dict[str, Any], train: Sequence[FeatureArray], num_classes: int,
                  recipe: Recipe, seed: int, device: str = "cpu", trainable: bool = True):
         self.head_name, self.recipe, self.seed, self.device = head, recipe, seed, device
+        self.num_classes = num_classes
         keep_batch_buffers_mapped()
         self.train = list(train)
         head_kw, self.optim = split_hparams(hparams)
@@ -114,14 +115,18 @@ class HeadTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def predict(self, arrays: Sequence[FeatureArray], batch_size: int = 512) -> np.ndarray:
+    def logits(self, arrays: Sequence[FeatureArray], batch_size: int = 512) -> torch.Tensor:
+        """N × classes, in the arrays' order, on the CPU."""
         self.model.eval()
         out = []
         for start in range(0, len(arrays[0]), batch_size):
             idx = np.arange(start, min(start + batch_size, len(arrays[0])))
             maps, _ = _batch(arrays, idx, self.device)
-            out.append(self.forward(maps).argmax(1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            out.append(self.forward(maps).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes)
+
+    def predict(self, arrays: Sequence[FeatureArray], batch_size: int = 512) -> np.ndarray:
+        return self.logits(arrays, batch_size).argmax(1).numpy()
 
     def accuracy(self, arrays: Sequence[FeatureArray]) -> float:
         return float((self.predict(arrays) == arrays[0].labels).mean())
