@@ -69,6 +69,8 @@ CASES = {
         pool=[1, 8, 16])), "space.pool: pools 8, 16 are all at or above block 8's side (7x7"),
     "a repeated choice": (lambda tmp: edit(tiny_space(tmp), lambda s: s["space"].update(pool=[2, 2])),
                           "space.pool: [1] = 2 is listed twice"),
+    "ensemble of none": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(selection={"ensemble": 0})),
+                         "selection.ensemble"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }

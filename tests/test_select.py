@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune import Result
 
-from orchestrator.select import results_table, select_best
+from orchestrator.select import results_table, select_best, select_top
 
 MAX_T = 3
 SPACE_BLOCKS = (4, 8)  # tests/spaces.py tiny_space
@@ -56,6 +56,26 @@ def test_select_best_takes_the_best_completed_trial_and_never_a_pruned_or_failed
     assert table.loc[table.dataset == "digits", "val_acc"].max() == 0.99
     assert table.loc[table.dataset == "fashion_mnist", "val_acc"].max() == 0.97
 
+
+
+def test_select_top_ranks_completed_trials_as_select_best_does():
+    """`selection.ensemble: k` candidates: the k best completed trials per dataset, in select_best's
+    order (final val_acc, then the smaller head, then the earlier trial); pruned and failed never."""
+    grid = [
+        result("a1", "digits", [0.5, 0.6, 0.70]),
+        result("a2", "digits", [0.6, 0.99], t=200),                                  # pruned
+        result("a3", "digits", [0.7, 0.8, 0.95], error=RuntimeError("boom")),      # failed
+        result("a4", "digits", [0.6, 0.9, 0.72], pool=2, head_params=200),
+        result("a5", "digits", [0.72, 0.72, 0.72], head_params=100),               # ties a4, smaller: first
+        result("a6", "digits", [0.5, 0.5, 0.65]),
+        result("b1", "fashion_mnist", [0.8, 0.85, 0.86]),
+    ]
+    table = results_table(grid, MAX_T)
+    top = select_top(table, 3)
+    assert list(top["digits"]["trial_id"]) == ["a5", "a4", "a1"]
+    assert list(top["fashion_mnist"]["trial_id"]) == ["b1"]  # fewer completed than k: all of them
+    assert select_best(table)["digits"]["trial_id"] == top["digits"].iloc[0]["trial_id"]
+    assert "_order" not in top["digits"].columns
 
 @pytest.fixture(scope="module")
 def sweep(shared_sweep):
