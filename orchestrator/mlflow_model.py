@@ -168,7 +168,7 @@ def log_winner(uri: str, parent_run_id: str, dataset: str, yaml_path: Path, weig
         run = mlflow.MlflowClient(uri).get_run(parent_run_id)
         model = mlflow.initialize_logged_model(
             name=dataset, source_run_id=parent_run_id, experiment_id=run.info.experiment_id,
-            params={k: str(sel[k]) for k in ("t", "block", "pool") if k in sel} | {"head": str(head_type)},
+            params={k: str(sel[k]) for k in ("t", "block", "pool", "members") if k in sel} | {"head": str(head_type)},
             tags={"diffsweep.dataset": dataset})
         return Model.log(None, name=dataset, flavor=mlflow.pyfunc, run_id=parent_run_id, model_id=model.model_id,
                          python_model=DiffsweepModel(),
