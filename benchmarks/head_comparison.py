@@ -13,7 +13,7 @@ evaluate`'s path (`orchestrator.predict.evaluate`, features recomputed from the 
 second computation of the same config on the same images, a check that the export reproduces the
 sweep's number, never an input to a choice.
 
-The space of every sweep: t in {10, 25} x blocks {8, 10} (examples/fashion_mnist/ chose t=10, block 8;
+The space of every sweep: t in {10, 25} x blocks {8, 10} (the shipped sweep's winners read t=10, blocks 8-10;
 search_spaces/fashion_mnist.yaml sweeps blocks 8-10), pools {1, 2, 4} for the pooled heads (linear,
 mlp); fusion chooses among three map pairs, mixing mixes all four (t, block) maps with learned weights.
 Head widths are set for about 100k parameters where the head has a width (mlp hidden 96, cnn width

@@ -23,18 +23,18 @@ def print_summary(cfg, outcome) -> int:
     print()
     print(f"sweep '{cfg.name}': {len(table)} trials "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    header = f"{'dataset':<16} {'t':>5} {'block':>5} {'pool':>4}  {'head':<10} {'val_acc':>8} {'test_acc':>8}"
+    header = f"{'dataset':<16} {'t':>5} {'block':>5} {'pool':>4}  {'head':<13} {'val_acc':>8} {'test_acc':>8}"
     print(header)
     print("-" * len(header))
     for dataset, s in outcome.selected.items():
         members = s.get("members") or [s]
         if len(members) > 1:  # an ensemble: its accuracies, then what each member reads
-            print(f"{dataset:<16} {'':>5} {'':>5} {'':>4}  {s['head']:<10} {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}")
+            print(f"{dataset:<16} {'':>5} {'':>5} {'':>4}  {s['head']:<13} {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}")
         for m in members:
             pool = "-" if m.get("pool") in (None, "") else m["pool"]
             name, head = (dataset, m["head"]) if len(members) == 1 else ("", f"+ {m['head']}")
             accuracies = f" {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}" if len(members) == 1 else ""
-            print(f"{name:<16} {m['t']:>5} {m['block']:>5} {pool!s:>4}  {head:<10}{accuracies}")
+            print(f"{name:<16} {m['t']:>5} {m['block']:>5} {pool!s:>4}  {head:<13}{accuracies}")
     missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected))
     for dataset in missing:
         rows = table[(table.dataset == dataset)] if len(table) else table

@@ -46,7 +46,10 @@ def write_pngs(samples, folder: Path) -> list[str]:
 def test_load_gives_a_module_with_classes_and_config(clf):
     assert isinstance(clf, torch.nn.Module)
     assert clf.classes == yaml.safe_load(EXAMPLE.read_text())["dataset"]["classes"]
-    assert clf.config["selection"]["t"] == 10 and clf.config["head"]["type"] == "mlp"
+    # the shipped selection is an ensemble of three mlp heads at t=10 (README, sweep 7)
+    members = clf.config["head"]["members"]
+    assert clf.config["head"]["type"] == "ensemble" and clf.config["selection"]["members"] == len(members) == 3
+    assert {(m["type"], m["t"]) for m in members} == {("mlp", 10)}
     assert not clf.training and all(not p.requires_grad for p in clf.backbone.parameters())
 
 
