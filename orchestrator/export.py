@@ -88,7 +88,8 @@ def export_selection(cfg, setup, dataset: str, *, members, val_acc: float, test_
                        "arch": backbone.flags, "schedule": backbone.schedule,
                        "class_label": backbone.class_label},
         "features": {"maps": [list(m) for m in maps], "noise_seed": setup.noise_seed,
-                     "noise_draws": trial_draws(members[0].config),  # the members' own (choose_members) "numeric": setup.numeric,
+                     # every member reads maps of the same draws (choose_members)
+                     "noise_draws": trial_draws(members[0].config), "numeric": setup.numeric,
                      "max_spatial": setup.max_spatial, "preprocessing": preprocessing(backbone.flags),
                      **({"shapes": feature_shapes} if feature_shapes is not None else {})},
         "head": head,
