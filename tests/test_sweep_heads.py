@@ -12,20 +12,51 @@ from tests.spaces import tiny_space
 pytestmark = pytest.mark.slow
 
 
-def test_every_head_type_runs_to_completion(ray_local, tmp_path, shared_features, mlflow_template):
+def test_every_head_type_runs_to_completion_and_the_best_three_export_as_one(ray_local, tmp_path, shared_features,
+                                                                             mlflow_template, capsys):
+    """Every head type completes. With `selection.ensemble: 3` the three best (here reading different
+    maps: fusion reads two) are scored together on validation (mean probability); the sweep exports
+    them as one head only when that beats its best single trial there, reads the test split once for
+    the selection, and the export (`diffsweep evaluate`, the Python API, the MLflow run) gives the
+    accuracies it recorded."""
+    import yaml
+
+    from diffsweep import load
+
     heads = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
              "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
     space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
                        asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2}, mlflow_template=mlflow_template)
-    import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(t=[10], block=[8], pool=[2], fusion_maps=[[[10, 4], [10, 8]]])
+    spec["selection"] = {"ensemble": 3}
     space.write_text(yaml.safe_dump(spec))
     assert main(["run", str(space)]) == 0
+    printed = capsys.readouterr().out
     table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
     assert sorted(table["head"]) == sorted(heads)
     assert (table["status"] == "completed").all() and (table["head_params"] > 0).all()
+
+    top3 = table.sort_values(["val_acc", "head_params"], ascending=[False, True], kind="stable").iloc[:3]
+    exported = tmp_path / "exported" / "digits.yaml"
+    doc = yaml.safe_load(exported.read_text())
+    # this seeded sweep's three best beat its best single trial on validation (the sweep prints both)
+    line = next(x for x in printed.splitlines() if "ensemble of the 3 best trials" in x)
+    assert doc["head"]["type"] == "ensemble", line
+    members = doc["head"]["members"]
+    assert [m["type"] for m in members] == list(top3["head"])
+    assert doc["selection"]["val_acc"] > top3["val_acc"].max() and doc["selection"]["members"] == 3
+    assert sorted(map(tuple, doc["features"]["maps"])) == sorted({tuple(x) for m in members for x in m["maps"]})
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(exported), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
+    assert load(exported).evaluate("val")["accuracy"] == pytest.approx(doc["selection"]["val_acc"], abs=1e-6)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("heads").experiment_id])
+                  if r.data.tags.get("diffsweep.role") == "parent")
+    assert parent.data.metrics["digits.test_acc"] == pytest.approx(doc["selection"]["test_acc"])
+    assert len(json.loads(parent.data.tags["diffsweep.winner.digits"])) == 3
 
 
 def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_features, mlflow_template):
@@ -90,47 +121,3 @@ def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_ow
     assert result["n"] == doc["selection"]["test_n"] <= 200  # the limit (kept per class)
     assert result["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
 
-
-def test_an_ensemble_of_the_best_trials_is_chosen_on_validation_and_evaluates_to_its_own_accuracy(
-        ray_local, tmp_path, shared_features, mlflow_template, capsys):
-    """`selection.ensemble: 3`: the three best completed trials, read at different (block, pool), are
-    scored together on validation (mean probability); the sweep exports them as one head only when
-    that beats its best single trial there, reads the test split once for the selection, and the
-    export (`diffsweep evaluate`, the Python API, the MLflow model) gives the test accuracy it reported."""
-    import yaml
-
-    from diffsweep import load
-
-    space = tiny_space(tmp_path, name="ensemble", heads={"linear": {"lr": [0.003]}}, sampler="grid",
-                       store=shared_features,
-                       datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
-                       asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2}, mlflow_template=mlflow_template)
-    spec = yaml.safe_load(space.read_text())
-    spec["space"].update(t=[10])  # block {4, 8} × pool {1, 2}: four trials
-    spec["selection"] = {"ensemble": 3}
-    space.write_text(yaml.safe_dump(spec))
-    assert main(["run", str(space)]) == 0
-    printed = capsys.readouterr().out
-    table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
-    assert len(table) == 4 and (table["status"] == "completed").all()
-    top3 = table.sort_values(["val_acc", "head_params"], ascending=[False, True], kind="stable").iloc[:3]
-    exported = tmp_path / "exported" / "digits.yaml"
-    doc = yaml.safe_load(exported.read_text())
-    # this seeded sweep's three best beat its best single trial on validation (printed by the sweep)
-    line = next(x for x in printed.splitlines() if "ensemble of the 3 best trials" in x)
-    assert doc["head"]["type"] == "ensemble", line
-    members = doc["head"]["members"]
-    assert [(m["block"], m["pool"]) for m in members] == list(zip(top3["block"], top3["pool"]))
-    assert doc["selection"]["val_acc"] > top3["val_acc"].max() and doc["selection"]["members"] == 3
-    assert sorted(map(tuple, doc["features"]["maps"])) == sorted({(10, b) for b in top3["block"]})
-    capsys.readouterr()
-    assert main(["evaluate", "--config", str(exported), "--split", "test"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
-    clf = load(exported)
-    assert clf.evaluate("val")["accuracy"] == pytest.approx(doc["selection"]["val_acc"], abs=1e-6)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    parent = next(r for r in client.search_runs([client.get_experiment_by_name("ensemble").experiment_id])
-                  if r.data.tags.get("diffsweep.role") == "parent")
-    assert parent.data.metrics["digits.test_acc"] == pytest.approx(doc["selection"]["test_acc"])
-    assert len(json.loads(parent.data.tags["diffsweep.winner.digits"])) == 3
