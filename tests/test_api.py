@@ -111,8 +111,8 @@ def test_api_matches_evaluate_on_all_10000_test_images(clf, test_split):
     image's noise id from its pixels. That id is, for every one of the 10,000 test images, the
     dataset id evaluate passes, so the API's forward gets evaluate's inputs exactly;
     tests/test_example.py holds evaluate to the recorded test_acc (one 10,000-image pass of the
-    ensemble, about 30 s on two cores, is not repeated here). On the first 1,000 images the API's answers are held to
-    their labels."""
+    ensemble, about 30 s on two cores, is not repeated here). On the first 1,000 images the API's
+    answers are held to their labels."""
     assert clf.config["selection"]["test_n"] == len(test_split) == 10000
     found = []
     for start in range(0, len(test_split), 1000):

@@ -57,7 +57,6 @@ def test_select_best_takes_the_best_completed_trial_and_never_a_pruned_or_failed
     assert table.loc[table.dataset == "fashion_mnist", "val_acc"].max() == 0.97
 
 
-
 def test_select_top_ranks_completed_trials_as_select_best_does():
     """`selection.ensemble: k` candidates: the k best completed trials per dataset, in select_best's
     order (final val_acc, then the smaller head, then the earlier trial); pruned and failed never."""
@@ -76,6 +75,7 @@ def test_select_top_ranks_completed_trials_as_select_best_does():
     assert list(top["fashion_mnist"]["trial_id"]) == ["b1"]  # fewer completed than k: all of them
     assert select_best(table)["digits"]["trial_id"] == top["digits"].iloc[0]["trial_id"]
     assert "_order" not in top["digits"].columns
+
 
 @pytest.fixture(scope="module")
 def sweep(shared_sweep):

@@ -120,4 +120,3 @@ def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_ow
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == doc["selection"]["test_n"] <= 200  # the limit (kept per class)
     assert result["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
-
