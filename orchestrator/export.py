@@ -77,7 +77,7 @@ def export_selection(cfg, setup, dataset: str, *, members, val_acc: float, test_
                    "val_acc": round(float(m.row["val_acc"]), 6), "run_id": r} for m, r in zip(members, run_ids)]
         head = {"type": "ensemble", "params": sum(m["params"] for m in listed), "members": listed}
         selection = {"members": len(members), **test}
-        model = EnsembleHead([m.trainer.model for m in members], [[maps.index(x) for x in m.maps] for m in members])
+        model = EnsembleHead([m.trainer.model for m in members], [m.maps for m in members], maps)
         feature_shapes = None  # per member: a pooled head records its pooled shape
     doc = {
         "diffsweep_export": 1,
@@ -88,7 +88,7 @@ def export_selection(cfg, setup, dataset: str, *, members, val_acc: float, test_
                        "arch": backbone.flags, "schedule": backbone.schedule,
                        "class_label": backbone.class_label},
         "features": {"maps": [list(m) for m in maps], "noise_seed": setup.noise_seed,
-                     # every member reads maps of the same draws (choose_members)
+                     # every member reads maps of the same draws (orchestrator.select.ensemble_members)
                      "noise_draws": trial_draws(members[0].config), "numeric": setup.numeric,
                      "max_spatial": setup.max_spatial, "preprocessing": preprocessing(backbone.flags),
                      **({"shapes": feature_shapes} if feature_shapes is not None else {})},

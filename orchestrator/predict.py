@@ -80,9 +80,8 @@ def build_exported_head(doc: dict[str, Any]) -> torch.nn.Module:
     h = doc["head"]
     if h["type"] != "ensemble":
         return build(h, doc["features"]["shapes"])
-    maps = [list(m) for m in doc["features"]["maps"]]
-    return EnsembleHead([build(m, m["shapes"]) for m in h["members"]],
-                        [[maps.index(list(x)) for x in m["maps"]] for m in h["members"]])
+    return EnsembleHead([build(m, m["shapes"]) for m in h["members"]], [m["maps"] for m in h["members"]],
+                        doc["features"]["maps"])
 
 
 def classifier(config_path: str | Path, device: str = "cpu"):

@@ -143,41 +143,45 @@ def restore_trainer(setup, row: pd.Series, arrays):
     return trainer, config
 
 
-def split_logits(setup, coordinator, dataset: str, split: str, rows: pd.DataFrame) -> tuple[list[Member], list, Any]:
-    """Each row's head restored and run on one split: (members, their logits, the split's labels)."""
+def split_arrays(setup, coordinator, dataset: str, split: str, config: dict[str, Any]) -> list:
+    """What a trial's head reads of one split (its maps, or their pooled caches)."""
     from trials.trainable import load_split, trial_draws, trial_maps, trial_pool
 
-    members, logits, labels = [], [], None
-    for _, row in rows.iterrows():
-        config = row_config(row)
-        arrays = load_split(setup, dataset, split, trial_maps(config), trial_pool(config), coordinator,
-                            draws=trial_draws(config))
-        trainer, config = restore_trainer(setup, row, arrays)
-        members.append(Member(row, config, trainer))
-        logits.append(trainer.logits(arrays))
-        labels = arrays[0].labels
-    return members, logits, labels
+    return load_split(setup, dataset, split, trial_maps(config), trial_pool(config), coordinator,
+                      draws=trial_draws(config))
 
 
-def choose_members(setup, coordinator, dataset: str, top: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """The best trial alone, or the top trials as an ensemble when the mean of their probabilities
-    is more accurate on validation (ties go to the single trial). Returns (rows, their val_acc)."""
+def split_accuracy(members: list[Member], arrays: list[list]) -> float:
+    """The accuracy of the members' mean probability, each member on its own arrays of one split."""
     from trials.ensemble import mean_softmax
+
+    logits = [m.trainer.logits(a) for m, a in zip(members, arrays)]
+    return float((mean_softmax(logits).argmax(1).numpy() == arrays[0][0].labels).mean())
+
+
+def restore_member(setup, coordinator, dataset: str, split: str, row: pd.Series) -> tuple[Member, list]:
+    """A trial's head restored from its checkpoint, with what it reads of `split`."""
+    config = row_config(row)
+    arrays = split_arrays(setup, coordinator, dataset, split, config)
+    return Member(row, config, restore_trainer(setup, row, arrays)[0]), arrays
+
+
+def ensemble_members(setup, coordinator, dataset: str, top: pd.DataFrame) -> tuple[list[Member], float] | None:
+    """The top trials as an ensemble, with its val_acc, when the mean of their probabilities is more
+    accurate on validation than the best trial alone (a tie keeps the single trial: None)."""
     from trials.trainable import trial_draws
 
-    best = top.iloc[:1]
+    best_acc = float(top.iloc[0]["val_acc"])
     # an export extracts once: members read maps of the best trial's number of noise draws
     draws = [trial_draws(row_config(row)) for _, row in top.iterrows()]
     top = top[[d == draws[0] for d in draws]]
     if len(top) < 2:
-        return best, float(best.iloc[0]["val_acc"])
-    _, logits, labels = split_logits(setup, coordinator, dataset, "val", top)
-    ensemble_acc = float((mean_softmax(logits).argmax(1).numpy() == labels).mean())
-    print(f"{dataset}: ensemble of the {len(top)} best trials: val_acc {ensemble_acc:.4f}, best single "
-          f"{float(best.iloc[0]['val_acc']):.4f}", flush=True)
-    if ensemble_acc > float(best.iloc[0]["val_acc"]):
-        return top, ensemble_acc
-    return best, float(best.iloc[0]["val_acc"])
+        return None
+    members, val = zip(*(restore_member(setup, coordinator, dataset, "val", row) for _, row in top.iterrows()))
+    ensemble_acc = split_accuracy(list(members), list(val))
+    print(f"{dataset}: ensemble of the {len(members)} best trials: val_acc {ensemble_acc:.4f}, best single "
+          f"{best_acc:.4f}", flush=True)
+    return (list(members), ensemble_acc) if ensemble_acc > best_acc else None
 
 
 def select_and_export(cfg, setup, grid, parent, callback, register_model: str | None = None) -> Any:
@@ -186,7 +190,6 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
     from orchestrator.plots import accuracy_heatmap, weights_heatmap
     from orchestrator.sweep import SweepOutcome  # imported here: sweep imports this module
     from trials.coordinator import get_coordinator
-    from trials.ensemble import mean_softmax
     from trials.features import dataset_splits
 
     table = results_table(grid, cfg.epochs)
@@ -214,10 +217,15 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                 if np.isfinite(rho):
                     parent.client.log_metric(parent.run_id, f"{dataset}.mixing_rank_corr", rho)
         for dataset, top in chosen.items():
-            rows, val_acc = choose_members(setup, coordinator, dataset, top)  # validation only
+            ensemble = ensemble_members(setup, coordinator, dataset, top)  # validation only
             # the test split, once, for the selection
-            members, logits, labels = split_logits(setup, coordinator, dataset, "test", rows)
-            test_acc = float((mean_softmax(logits).argmax(1).numpy() == labels).mean())
+            if ensemble is None:
+                member, test = restore_member(setup, coordinator, dataset, "test", top.iloc[0])
+                members, val_acc, test = [member], float(top.iloc[0]["val_acc"]), [test]
+            else:
+                members, val_acc = ensemble
+                test = [split_arrays(setup, coordinator, dataset, "test", m.config) for m in members]
+            test_acc = split_accuracy(members, test)
             run_ids = [callback.run_id_of(m.row["trial_id"]) for m in members]
             files = export_selection(cfg, setup, dataset, members=members, val_acc=val_acc, test_acc=test_acc,
                                      out_dir=out_dir, parent_run_id=parent.run_id, run_ids=run_ids)

@@ -135,14 +135,14 @@ def test_registry_names_each_heads_parameters_from_its_builder():
 
 
 def test_ensemble_head_averages_its_members_probabilities_each_on_its_own_maps():
-    """Member 0 reads map 1 (a pooled linear head), member 1 reads maps 0 and 1 (fusion): the
+    """Member 0 reads map (10, 8) (a pooled linear head), member 1 reads (10, 4) and (10, 8) (fusion): the
     ensemble's output is log of the mean of their softmaxes, so argmax/softmax read it like logits."""
     from trials.ensemble import EnsembleHead, mean_softmax
 
     torch.manual_seed(0)
     a = build_head("linear", 8, 4, 3, pool=2)
     b = build_head("fusion", [8, 8], [4, 2], 3, dim=16, heads=2, depth=1)
-    ens = EnsembleHead([a, b], [[1], [0, 1]]).eval()
+    ens = EnsembleHead([a, b], [[(10, 8)], [(10, 4), (10, 8)]], maps=[(10, 4), (10, 8)]).eval()
     maps = [torch.randn(5, 8, 4, 4), torch.randn(5, 8, 2, 2)]
     with torch.no_grad():
         expected = (torch.softmax(a(maps[1]), 1) + torch.softmax(b(maps), 1)) / 2
@@ -150,9 +150,9 @@ def test_ensemble_head_averages_its_members_probabilities_each_on_its_own_maps()
         assert torch.allclose(torch.softmax(out, 1), expected, atol=1e-6)
         assert torch.allclose(mean_softmax([a(maps[1]), b(maps)]), expected, atol=1e-6)
     # one member on one map: a tensor is accepted as the one map, and the answer is that head's own
-    solo = EnsembleHead([a], [[0]]).eval()
+    solo = EnsembleHead([a], [[(10, 8)]], maps=[(10, 8)]).eval()
     with torch.no_grad():
         assert torch.equal(solo(maps[1]).argmax(1), a(maps[1]).argmax(1))
     assert {k.split(".")[1] for k in ens.state_dict()} == {"0", "1"}  # members.<i>.<param>: one file
-    with pytest.raises(ValueError, match="one input list per member"):
-        EnsembleHead([a, b], [[0]])
+    with pytest.raises(ValueError, match="one map list per member"):
+        EnsembleHead([a, b], [[(10, 8)]], maps=[(10, 8)])

@@ -15,13 +15,16 @@ from torch import nn
 
 
 class EnsembleHead(nn.Module):
-    def __init__(self, members: Sequence[nn.Module], inputs: Sequence[Sequence[int]]):
-        """`members[i]` reads the ensemble's maps at indexes `inputs[i]` (in its own order)."""
+    def __init__(self, members: Sequence[nn.Module], member_maps: Sequence[Sequence[Sequence[int]]],
+                 maps: Sequence[Sequence[int]]):
+        """`forward` gets the (t, block) maps `maps`, in that order; `members[i]` reads the ones
+        listed in `member_maps[i]`, in its own order."""
         super().__init__()
-        if len(members) != len(inputs) or not members:
-            raise ValueError("an ensemble needs one input list per member, and at least one member")
+        if len(members) != len(member_maps) or not members:
+            raise ValueError("an ensemble needs one map list per member, and at least one member")
+        order = [tuple(map(int, m)) for m in maps]
         self.members = nn.ModuleList(members)
-        self.inputs = [list(map(int, i)) for i in inputs]
+        self.inputs = [[order.index(tuple(map(int, m))) for m in mine] for mine in member_maps]
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         maps = [x] if torch.is_tensor(x) else list(x)
