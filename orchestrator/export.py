@@ -26,11 +26,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def portable_checkpoint_path(path: str | None) -> str | None:
-    """The shipped checkpoint is named relative to the package, so an export works from any clone."""
+    """A checkpoint shipped in the package's `trials/checkpoints/` (the quickstart's DDPM, or one an
+    example was made with) is named relative to the package, so an export works from any clone."""
     from orchestrator.config import SHIPPED_CHECKPOINT
 
-    if path and Path(path).resolve() == SHIPPED_CHECKPOINT.resolve():
-        return f"{PACKAGE_PREFIX}{SHIPPED_CHECKPOINT.name}"
+    if path and Path(path).resolve().parent == SHIPPED_CHECKPOINT.resolve().parent:
+        return f"{PACKAGE_PREFIX}{Path(path).name}"
     return path
 
 
