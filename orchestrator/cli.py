@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=int, default=250, help="write a checkpoint every this many steps")
     s.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on a GPU, and on a CPU with --bf16)")
     s.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on a CPU as well (always on with CUDA); faster on CPUs with AMX")
+                   help="bf16 autocast on a CPU as well (always on with CUDA); faster on CPUs with AMX or AVX-512 BF16")
     s.add_argument("--max-minutes", type=float,
                    help="stop after this much training time; the sidecar records the steps done")
     s.add_argument("--init-from", help="continue training from this checkpoint's weights (fresh optimizer); "

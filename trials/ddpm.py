@@ -39,7 +39,7 @@ class DDPMTrainConfig:
     save_every: int = 250
     samples: int = 64  # images in the PNG grid written with each checkpoint (0 = none)
     compile: bool = False  # torch.compile; worth it on a GPU, and on a CPU with bf16
-    bf16: bool = False  # bf16 autocast on a CPU too (always on with CUDA); pays on CPUs with AMX
+    bf16: bool = False  # bf16 autocast on a CPU too (always on with CUDA); pays on CPUs with AMX or AVX-512 BF16
     max_minutes: float | None = None  # stop (with a checkpoint) once this much training time has passed
     init_from: str | None = None  # start from these weights (fresh optimizer) instead of a random init
 
