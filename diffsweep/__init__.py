@@ -40,7 +40,8 @@ def run(config: "str | Path | dict[str, Any] | SweepConfig", *, address: str | N
     """Run a sweep from a YAML path, a dict with the YAML's content, or a `SweepConfig`; returns its
     outcome: `.selected` ({dataset: head, t, block, pool, members, val_acc, test_acc, yaml, weights}; an
     ensemble's head is "ensemble of k", its t / block / pool None, `members` what each member reads),
-    `.results` (one row per trial), `.parent_run_id`, `.export_dir`. Each winner is also an MLflow
+    `.results` (one row per trial), `.parent_run_id`, `.export_dir`, `.below_bar` (selections short of
+    `selection.min_val_acc`: reported, neither tested nor exported). Each winner is also an MLflow
     model, `selected[dataset]["model_uri"]` (`runs:/<parent_run_id>/<dataset>`); `register_model`
     registers it as that name (one dataset) or `<name>-<dataset>`.
 

@@ -202,6 +202,17 @@ class Selection(Strict):
     # export the k best completed trials of each dataset as one ensemble (mean of their class
     # probabilities) when it beats the best single trial on validation; 1: the best trial alone
     ensemble: int = Field(1, ge=1, le=16)
+    # the bar a selection must reach on validation before the test split is read for it: below it the
+    # sweep reports the selection and neither tests nor exports it, so a sweep that cannot replace a
+    # shipped result spends no test evaluation (None: every selection is tested and exported)
+    min_val_acc: float | None = None
+
+    @field_validator("min_val_acc")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"{v} is not an accuracy in (0, 1]; write 0.94 for 94 %")
+        return v
 
 
 class Tracking(Strict):

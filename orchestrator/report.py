@@ -26,16 +26,21 @@ def print_summary(cfg, outcome) -> int:
     header = f"{'dataset':<16} {'t':>5} {'block':>5} {'pool':>4}  {'head':<13} {'val_acc':>8} {'test_acc':>8}"
     print(header)
     print("-" * len(header))
-    for dataset, s in outcome.selected.items():
+    below_bar = outcome.below_bar
+    for dataset, s in [*outcome.selected.items(), *below_bar.items()]:
         members = s.get("members") or [s]
+        test = f"{s['test_acc']:>8.4f}" if s.get("test_acc") is not None else f"{'-':>8}"  # below the bar: unread
         if len(members) > 1:  # an ensemble: its accuracies, then what each member reads
-            print(f"{dataset:<16} {'':>5} {'':>5} {'':>4}  {s['head']:<13} {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}")
+            print(f"{dataset:<16} {'':>5} {'':>5} {'':>4}  {s['head']:<13} {s['val_acc']:>8.4f} {test}")
         for m in members:
             pool = "-" if m.get("pool") in (None, "") else m["pool"]
             name, head = (dataset, m["head"]) if len(members) == 1 else ("", f"+ {m['head']}")
-            accuracies = f" {s['val_acc']:>8.4f} {s['test_acc']:>8.4f}" if len(members) == 1 else ""
+            accuracies = f" {s['val_acc']:>8.4f} {test}" if len(members) == 1 else ""
             print(f"{name:<16} {m['t']:>5} {m['block']:>5} {pool!s:>4}  {head:<13}{accuracies}")
-    missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected))
+        if dataset in below_bar:
+            print(f"{'':<16} val_acc below selection.min_val_acc {s['min_val_acc']}: the test split was not read "
+                  "and nothing was exported")
+    missing = sorted(set(d.name for d in cfg.datasets) - set(outcome.selected) - set(below_bar))
     for dataset in missing:
         rows = table[(table.dataset == dataset)] if len(table) else table
         failed = rows[rows.status == "failed"] if len(rows) else rows

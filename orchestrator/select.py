@@ -198,6 +198,7 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     coordinator = get_coordinator(cfg.name, setup.extract_options)
     selected: dict[str, dict] = {}
+    below_bar: dict[str, dict] = {}  # selections short of selection.min_val_acc
     model_failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         table_path = Path(tmp) / "results.parquet"
@@ -218,12 +219,24 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                     parent.client.log_metric(parent.run_id, f"{dataset}.mixing_rank_corr", rho)
         for dataset, top in chosen.items():
             ensemble = ensemble_members(setup, coordinator, dataset, top)  # validation only
+            val_acc = ensemble[1] if ensemble else float(top.iloc[0]["val_acc"])
+            configs = [m.config for m in ensemble[0]] if ensemble else [row_config(top.iloc[0])]
+            described = [{k: c.get(k) for k in ("head", "t", "block", "pool")} for c in configs]
+            head = described[0] if len(described) == 1 else \
+                {"head": f"ensemble of {len(described)}", "t": None, "block": None, "pool": None}
+            parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", val_acc)
+            bar = cfg.selection.min_val_acc
+            if bar is not None and val_acc < bar:  # decided on validation: the test split stays unread
+                parent.client.set_tag(parent.run_id, f"diffsweep.below_min_val_acc.{dataset}",
+                                      json.dumps({"val_acc": val_acc, "min_val_acc": bar}))
+                below_bar[dataset] = {**head, "members": described, "val_acc": val_acc, "min_val_acc": bar}
+                continue
             # the test split, once, for the selection
             if ensemble is None:
                 member, test = restore_member(setup, coordinator, dataset, "test", top.iloc[0])
-                members, val_acc, test = [member], float(top.iloc[0]["val_acc"]), [test]
+                members, test = [member], [test]
             else:
-                members, val_acc = ensemble
+                members = ensemble[0]
                 test = [split_arrays(setup, coordinator, dataset, "test", m.config) for m in members]
             test_acc = split_accuracy(members, test)
             run_ids = [callback.run_id_of(m.row["trial_id"]) for m in members]
@@ -231,9 +244,7 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                                      out_dir=out_dir, parent_run_id=parent.run_id, run_ids=run_ids)
             for f in files:
                 parent.client.log_artifact(parent.run_id, str(f), artifact_path=f"exported/{dataset}")
-            parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", val_acc)
             parent.client.log_metric(parent.run_id, f"{dataset}.test_acc", test_acc)
-            described = [{k: m.config.get(k) for k in ("head", "t", "block", "pool")} for m in members]
             parent.client.set_tag(parent.run_id, f"diffsweep.winner.{dataset}",
                                   json.dumps(described[0] if len(members) == 1 else described))
             # the winner as an MLflow model under the parent run: runs:/<parent_run_id>/<dataset>
@@ -248,9 +259,7 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
                 model_failures += 1
                 print(f"warning: {dataset}: the MLflow model could not be logged ({str(e).splitlines()[0][:200]})",
                       flush=True)
-            head = described[0] if len(members) == 1 else \
-                {"head": f"ensemble of {len(members)}", "t": None, "block": None, "pool": None}
             selected[dataset] = {**head, "members": described, "val_acc": val_acc, "test_acc": test_acc,
                                  "yaml": str(files[0]), "weights": str(files[1]), "model_uri": model_uri}
     table.to_parquet(out_dir / "results.parquet", index=False)
-    return SweepOutcome(table, selected, parent.run_id, out_dir, callback.gaps + model_failures)
+    return SweepOutcome(table, selected, parent.run_id, out_dir, callback.gaps + model_failures, below_bar)

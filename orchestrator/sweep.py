@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,13 @@ def check_datasets(cfg: SweepConfig) -> None:
 
 def check_writable(cfg: SweepConfig) -> None:
     """Every local output folder must be writable before any compute (URIs are checked by their fs)."""
-    for field, path in (("export_dir", cfg.export_dir), ("storage_path", cfg.storage_path), ("store.path", cfg.store.path)):
+    for key, path in (("export_dir", cfg.export_dir), ("storage_path", cfg.storage_path), ("store.path", cfg.store.path)):
         if _is_uri(path):
             continue
         folder = Path(path).expanduser()
         existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{field}: {folder} is not writable (nearest existing folder: {existing}); "
+            raise ConfigError(f"{key}: {folder} is not writable (nearest existing folder: {existing}); "
                               "choose a folder you can write to")
 
 
@@ -259,6 +259,9 @@ class SweepOutcome:
     parent_run_id: str
     export_dir: Path
     tracking_gaps: int
+    # selections below `selection.min_val_acc`: {dataset: head, t, block, pool, members, val_acc,
+    # min_val_acc}, neither tested nor exported
+    below_bar: dict[str, dict] = field(default_factory=dict)
 
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False,

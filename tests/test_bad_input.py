@@ -71,6 +71,8 @@ CASES = {
                           "space.pool: [1] = 2 is listed twice"),
     "ensemble of none": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(selection={"ensemble": 0})),
                          "selection.ensemble"),
+    "a bar above 100 %": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(selection={"min_val_acc": 94})),
+                          "selection.min_val_acc: 94.0 is not an accuracy in (0, 1]; write 0.94 for 94 %"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }

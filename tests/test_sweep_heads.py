@@ -59,10 +59,13 @@ def test_every_head_type_runs_to_completion_and_the_best_three_export_as_one(ray
     assert len(json.loads(parent.data.tags["diffsweep.winner.digits"])) == 3
 
 
-def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_features, mlflow_template):
+def test_mixing_head_sweep_logs_its_weight_heatmaps_and_a_selection_below_the_bar_is_not_tested(
+        ray_local, tmp_path, shared_features, mlflow_template, capsys):
     """A mixing head over every (t, block) of the space, beside single-map linear trials: the trial's
     child run gets its learned weights as a heatmap, the parent gets the best one with its rank
-    correlation against the val_acc heatmap. (Two noise draws: the next test.)"""
+    correlation against the val_acc heatmap. (Two noise draws: the next test.) The sweep also sets a
+    `selection.min_val_acc` its selection does not reach: it is reported with its val_acc, the test
+    split is not read for it and nothing is exported or logged as a model."""
     heads = {"linear": {}, "mixing": {"dim": [16], "side": [4]}}
     space = tiny_space(tmp_path, name="mixing", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
@@ -70,8 +73,10 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(pool=[1])
+    spec["selection"] = {"min_val_acc": 1.0}
     space.write_text(yaml.safe_dump(spec))
     assert main(["run", str(space)]) == 0
+    out = capsys.readouterr().out
     table = pd.read_parquet(tmp_path / "exported" / "results.parquet")
     assert sorted(table["head"]) == ["linear"] * 4 + ["mixing"]
     assert (table["status"] == "completed").all()
@@ -90,6 +95,14 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps(ray_local, tmp_path, shared_
     assert "heatmaps/digits_mixing_weights.png" in parent_heatmaps
     assert -1 <= parent.data.metrics["digits.mixing_rank_corr"] <= 1
     assert (tmp_path / "exported" / "digits_mixing_weights.png").is_file()
+    # below the bar: val_acc reported, test never read, nothing exported
+    assert parent.data.metrics["digits.val_acc"] == pytest.approx(table["val_acc"].max())
+    assert parent.data.metrics["digits.val_acc"] < 1.0
+    assert "digits.test_acc" not in parent.data.metrics and "diffsweep.winner.digits" not in parent.data.tags
+    assert json.loads(parent.data.tags["diffsweep.below_min_val_acc.digits"])["min_val_acc"] == 1.0
+    assert "val_acc below selection.min_val_acc 1.0: the test split was not read" in out
+    assert not list((tmp_path / "exported").glob("digits.*"))  # no yaml, no weights
+    assert not {"digits", "exported"} & {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_a_mixing_winner_of_two_noise_draws_on_bf16_features_evaluates_to_its_own_accuracy(ray_local, tmp_path,
