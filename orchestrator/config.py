@@ -204,15 +204,21 @@ class Selection(Strict):
     ensemble: int = Field(1, ge=1, le=16)
     # the bar a selection must reach on validation before the test split is read for it: below it the
     # sweep reports the selection and neither tests nor exports it, so a sweep that cannot replace a
-    # shipped result spends no test evaluation (None: every selection is tested and exported)
-    min_val_acc: float | None = None
+    # shipped result spends no test evaluation. One bar for every dataset, or {dataset: bar} (a dataset
+    # left out has none); None: every selection is tested and exported
+    min_val_acc: float | dict[str, float] | None = None
 
     @field_validator("min_val_acc")
     @classmethod
-    def _fraction(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"{v} is not an accuracy in (0, 1]; write 0.94 for 94 %")
+    def _fraction(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        for name, bar in (v.items() if isinstance(v, dict) else [(None, v)]):
+            if bar is not None and not 0 < bar <= 1:
+                where = f"{name} = " if name else ""
+                raise ValueError(f"{where}{bar} is not an accuracy in (0, 1]; write 0.94 for 94 %")
         return v
+
+    def bar(self, dataset: str) -> float | None:
+        return self.min_val_acc.get(dataset) if isinstance(self.min_val_acc, dict) else self.min_val_acc
 
 
 class Tracking(Strict):
@@ -252,6 +258,15 @@ class SweepConfig(Strict):
                 if key not in known:
                     raise ValueError(f"search.warm_start[{i}].{key}: not a parameter of head '{head}' in the "
                                      f"space; use one of {', '.join(sorted(known))}")
+        return self
+
+    @model_validator(mode="after")
+    def _bars_name_datasets(self) -> "SweepConfig":
+        bars = self.selection.min_val_acc
+        unknown = sorted(set(bars) - {d.name for d in self.datasets}) if isinstance(bars, dict) else []
+        if unknown:
+            raise ValueError(f"selection.min_val_acc.{unknown[0]}: not a dataset of this sweep; use one of "
+                             f"{', '.join(d.name for d in self.datasets)}")
         return self
 
     @model_validator(mode="after")

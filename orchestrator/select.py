@@ -225,7 +225,7 @@ def select_and_export(cfg, setup, grid, parent, callback, register_model: str | 
             head = described[0] if len(described) == 1 else \
                 {"head": f"ensemble of {len(described)}", "t": None, "block": None, "pool": None}
             parent.client.log_metric(parent.run_id, f"{dataset}.val_acc", val_acc)
-            bar = cfg.selection.min_val_acc
+            bar = cfg.selection.bar(dataset)
             if bar is not None and val_acc < bar:  # decided on validation: the test split stays unread
                 parent.client.set_tag(parent.run_id, f"diffsweep.below_min_val_acc.{dataset}",
                                       json.dumps({"val_acc": val_acc, "min_val_acc": bar}))

@@ -73,6 +73,8 @@ CASES = {
                          "selection.ensemble"),
     "a bar above 100 %": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(selection={"min_val_acc": 94})),
                           "selection.min_val_acc: 94.0 is not an accuracy in (0, 1]; write 0.94 for 94 %"),
+    "a bar for a dataset not swept": (lambda tmp: edit(tiny_space(tmp), lambda s: s.update(
+        selection={"min_val_acc": {"cub": 0.8}})), "selection.min_val_acc.cub: not a dataset of this sweep; use one of"),
     "tracking unreachable": (lambda tmp: edit(tiny_space(tmp), lambda s: s["tracking"].update(
         uri="http://127.0.0.1:9")), "unreachable"),
 }

@@ -30,3 +30,12 @@ def test_grid_enumerates_every_point():
     expected = len(s.t) * len(s.block) * len(s.pool) * (1 + len(s.head["mlp"]["hidden"]))
     assert len(points) == expected
     assert len({tuple(sorted(p.items())) for p in points}) == expected
+
+
+def test_a_validation_bar_is_one_for_every_dataset_or_per_dataset():
+    from orchestrator.config import Selection
+
+    assert Selection(min_val_acc=0.94).bar("cub") == 0.94
+    per_dataset = Selection(min_val_acc={"cub": 0.8, "flowers102": 0.98})
+    assert (per_dataset.bar("cub"), per_dataset.bar("flowers102"), per_dataset.bar("nabirds")) == (0.8, 0.98, None)
+    assert Selection().bar("cub") is None

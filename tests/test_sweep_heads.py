@@ -73,7 +73,7 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps_and_a_selection_below_the_ba
     import yaml
     spec = yaml.safe_load(space.read_text())
     spec["space"].update(pool=[1])
-    spec["selection"] = {"min_val_acc": 1.0}
+    spec["selection"] = {"min_val_acc": {"digits": 1.0}}
     space.write_text(yaml.safe_dump(spec))
     assert main(["run", str(space)]) == 0
     out = capsys.readouterr().out
