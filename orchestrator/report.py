@@ -50,7 +50,9 @@ def print_summary(cfg, outcome) -> int:
         else:
             print(f"{dataset:<16} no trial ran to max_t; raise num_samples or lower asha.reduction_factor")
     print()
-    print(f"exported: {Path(outcome.export_dir).resolve()}/ (<dataset>.yaml + <dataset>.safetensors, results.parquet)")
+    # name what was written: a dataset below its bar or without a winner has no export
+    written = [f"{d}.yaml + {d}.safetensors" for d in outcome.selected] + ["results.parquet"]
+    print(f"exported: {Path(outcome.export_dir).resolve()}/ ({', '.join(written)})")
     if outcome.tracking_gaps:
         print(f"warning: {outcome.tracking_gaps} MLflow call(s) could not be delivered; see the log above")
     uri = cfg.tracking.uri

@@ -48,6 +48,7 @@ def test_every_head_type_runs_to_completion_and_the_best_three_export_as_one(ray
     assert [m["type"] for m in members] == list(top3["head"])
     assert doc["selection"]["val_acc"] > top3["val_acc"].max() and doc["selection"]["members"] == 3
     assert sorted(map(tuple, doc["features"]["maps"])) == sorted({tuple(x) for m in members for x in m["maps"]})
+    assert f"exported: {exported.parent.resolve()}/ (digits.yaml + digits.safetensors, results.parquet)" in printed
     capsys.readouterr()
     assert main(["evaluate", "--config", str(exported), "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(doc["selection"]["test_acc"], abs=1e-6)
@@ -102,6 +103,7 @@ def test_mixing_head_sweep_logs_its_weight_heatmaps_and_a_selection_below_the_ba
     assert json.loads(parent.data.tags["diffsweep.below_min_val_acc.digits"])["min_val_acc"] == 1.0
     assert "val_acc below selection.min_val_acc 1.0: the test split was not read" in out
     assert not list((tmp_path / "exported").glob("digits.*"))  # no yaml, no weights
+    assert f"exported: {(tmp_path / 'exported').resolve()}/ (results.parquet)" in out  # and says so
     assert not {"digits", "exported"} & {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
