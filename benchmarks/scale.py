@@ -15,8 +15,8 @@ run:
    fresh process; growth of anonymous memory per image.
 4. pooled epoch: one linear-probe epoch on the pooled cache against the same epoch on the full map
    (pooled by the head on every batch: the path trials took before the cache), same data, same head.
-5. checkpoints: a real small sweep (`diffsweep run`'s `run_sweep`, Ray Tune + MLflow); checkpoint
-   directories left per finished trial.
+5. checkpoints: a real small sweep (`diffsweep run`'s `run_sweep`, Ray Tune + MLflow); checkpoints
+   that still hold weights per finished trial (superseded ones keep only their epoch file).
 
     .venv/bin/python benchmarks/scale.py --quick
     .venv/bin/python benchmarks/scale.py
@@ -189,11 +189,12 @@ def plan_error(root: str, n: int, batch: int) -> tuple[float, int, int]:
 
 
 def checkpoints_per_trial(root: str) -> tuple[float, int]:
-    """A real small sweep; checkpoint directories left per finished trial, and their bytes."""
+    """A real small sweep; checkpoints with weights left per finished trial, and all their folders' bytes."""
     import yaml
 
     from orchestrator.config import load_config
     from orchestrator.sweep import run_sweep, sweep_dir
+    from trials.trainable import WEIGHTS_FILE
 
     spec = {"name": "scale-ckpt", "checkpoint": {"random_weights": True},
             "datasets": [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300, "val": 100, "test": 100}}],
@@ -206,8 +207,10 @@ def checkpoints_per_trial(root: str) -> tuple[float, int]:
     cfg = load_config(path)
     outcome = run_sweep(cfg)
     trial_dirs = [d for d in sweep_dir(cfg).iterdir() if d.is_dir() and d.name.startswith("train_trial")]
-    ckpts = [c for d in trial_dirs for c in d.glob("checkpoint_*")]
-    nbytes = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
+    folders = [c for d in trial_dirs for c in d.glob("checkpoint_*")]
+    # a superseded checkpoint keeps only its epoch file (orchestrator/checkpoints.py): count those with weights
+    ckpts = [c for c in folders if (c / WEIGHTS_FILE).exists()]
+    nbytes = sum(f.stat().st_size for c in folders for f in c.rglob("*") if f.is_file())
     finished = int((outcome.results.status == "completed").sum())
     return len(ckpts) / max(finished, 1), nbytes
 

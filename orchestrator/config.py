@@ -174,7 +174,8 @@ class Search(Strict):
 class Training(Strict):
     recipe: Literal["paper", "adamw"] = "adamw"
     batch_size: int = Field(128, ge=2)
-    # Tune checkpoints kept per trial: the latest is what resume and the winner's export need
+    # checkpoints per trial that keep their weights (older ones keep only their epoch, see
+    # orchestrator/checkpoints.py): the latest is what resume and the winner's export need
     checkpoints_to_keep: int = Field(1, ge=1)
 
 

@@ -129,7 +129,7 @@ class Member:
 def restore_trainer(setup, row: pd.Series, arrays):
     from trials.features import dataset_splits
     from trials.train_head import HeadTrainer
-    from trials.trainable import head_hparams
+    from trials.trainable import WEIGHTS_FILE, head_hparams
 
     config = row_config(row)
     num_classes = len(dataset_splits(setup.datasets[row["dataset"]])[0])
@@ -138,7 +138,7 @@ def restore_trainer(setup, row: pd.Series, arrays):
     from ray.tune import Checkpoint
 
     with Checkpoint(row["checkpoint"]).as_directory() as d:  # a local path or a storage URI (s3://, gs://)
-        state = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(d) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     trainer.load_state_dict(state)
     return trainer, config
 

@@ -272,6 +272,7 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from orchestrator.checkpoints import CheckpointThinning
     from orchestrator.schedule import PerDatasetASHA
     from orchestrator.search import PerDatasetOptunaSearch
     from orchestrator.report import print_trial_errors
@@ -320,9 +321,12 @@ def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False
     trainable = tune.with_resources(tune.with_parameters(train_trial, setup=setup),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     run_config = tune.RunConfig(
-        name=cfg.name, storage_path=absolute(cfg.storage_path), callbacks=[callback], verbose=0,
+        name=cfg.name, storage_path=absolute(cfg.storage_path), verbose=0,
+        callbacks=[callback, CheckpointThinning(keep=cfg.training.checkpoints_to_keep)],
         failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.training.checkpoints_to_keep))
+        # Tune keeps every checkpoint folder (a restore may name any of them); CheckpointThinning drops the
+        # weights of all but the newest `checkpoints_to_keep`
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     # reuse_actors: the next trial runs in the worker process the last one left (its torch import,
     # CUDA context and compiled extractor kept); each trial still builds its own head and data
     tune_config = tune.TuneConfig(metric=cfg.search.metric, mode="max", scheduler=scheduler,

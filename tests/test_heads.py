@@ -106,6 +106,23 @@ def test_resumed_training_matches_uninterrupted(recipe):
     assert part + rest == full
 
 
+def test_a_checkpoint_that_kept_only_its_epoch_is_rebuilt_by_replaying_the_epochs(tmp_path):
+    """What `diffsweep resume` restores when Tune's saved state names a superseded checkpoint (its weights
+    dropped by orchestrator/checkpoints.py): the same state as an uninterrupted run at that epoch."""
+    import json
+
+    from trials.trainable import EPOCH_FILE, restore_trainer_state
+
+    data = [separable(n=64)]
+    r = Recipe("adamw", epochs=4, batch_size=16)
+    full = list(HeadTrainer("mlp", {"pool": 2, "hidden": 16, "dropout": 0.2}, data, 3, r, seed=7).epochs(data))
+    (tmp_path / EPOCH_FILE).write_text(json.dumps({"epoch": 2}))
+    resumed = HeadTrainer("mlp", {"pool": 2, "hidden": 16, "dropout": 0.2}, data, 3, r, seed=7)
+    restore_trainer_state(resumed, str(tmp_path), "cpu")
+    assert resumed.epoch == 2
+    assert list(resumed.epochs(data)) == full[2:]
+
+
 def test_label_smoothing_reaches_the_loss():
     """An optimisation setting (searchable per head), not a head argument: with smoothing ε over K
     classes no logits can push the loss below the entropy of the smoothed target."""

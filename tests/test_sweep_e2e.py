@@ -45,6 +45,18 @@ def test_mlflow_has_parent_and_one_child_per_trial(sweep):
     assert len(pids) < len(children), pids
 
 
+def test_only_each_trials_newest_checkpoint_keeps_its_weights(sweep):
+    """training.checkpoints_to_keep (1): older checkpoint folders stay, for a resume whose saved state
+    lags (tests/test_faults.py), but hold only their epoch."""
+    tmp, _, _ = sweep
+    trials = [d for d in (tmp / "ray" / "shared").iterdir() if d.name.startswith("train_trial")]
+    assert trials
+    for trial in trials:
+        folders = sorted(trial.glob("checkpoint_*"))
+        assert folders and all((f / "epoch.json").is_file() for f in folders)
+        assert [f.name for f in folders if (f / "trainer.pt").exists()] == [folders[-1].name]
+
+
 def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
     tmp, space, datasets = sweep
     import glob

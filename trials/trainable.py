@@ -108,6 +108,12 @@ def load_split(setup: TrialSetup, dataset: str, split: str, maps: list[tuple[int
     return out
 
 
+# A trial checkpoint: the trainer's state (weights, optimiser, scheduler, epoch) and, apart, the epoch alone,
+# which is all a superseded checkpoint keeps.
+WEIGHTS_FILE = "trainer.pt"
+EPOCH_FILE = "epoch.json"
+
+
 def trial_pool(config: dict[str, Any]) -> int | None:
     """The pool a pooled head reads (its cache is what the trial loads), None for spatial heads."""
     return int(config["pool"]) if REGISTRY[config["head"]].pooled else None
@@ -125,14 +131,31 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, "trainer.pt"), map_location=device, weights_only=True))
+            restore_trainer_state(trainer, d, device)
     n_params = param_count(trainer.model)
     node = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node tests read it)
     for metrics in trainer.epochs(val):
         with tempfile.TemporaryDirectory() as d:
-            torch.save(trainer.state_dict(), os.path.join(d, "trainer.pt"))
+            torch.save(trainer.state_dict(), os.path.join(d, WEIGHTS_FILE))
+            with open(os.path.join(d, EPOCH_FILE), "w") as f:
+                json.dump({"epoch": trainer.epoch}, f)
             tune.report({**metrics, **learned_map_weights(trainer.model, maps), "head_params": n_params,
                          "node_id": node}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def restore_trainer_state(trainer: HeadTrainer, checkpoint_dir: str, device: str) -> None:
+    """Resume from a trial checkpoint. A superseded checkpoint keeps only its epoch (the sweep drops the
+    weights of all but the newest, see orchestrator/checkpoints.py); Tune restores one when its saved
+    experiment state lagged behind the trial (a driver killed before the next snapshot reached storage).
+    Training is deterministic given (seed, epoch), so replaying the epochs rebuilds that exact state."""
+    weights = os.path.join(checkpoint_dir, WEIGHTS_FILE)
+    if os.path.exists(weights):
+        trainer.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+        return
+    with open(os.path.join(checkpoint_dir, EPOCH_FILE)) as f:
+        epoch = int(json.load(f)["epoch"])
+    while trainer.epoch < epoch:  # no validation pass: it draws no random numbers, so skipping it is exact
+        trainer.train_epoch()
 
 
 def learned_map_weights(model: torch.nn.Module, maps: list[tuple[int, int]]) -> dict[str, str]:
