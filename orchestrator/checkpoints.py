@@ -26,7 +26,9 @@ class CheckpointThinning(Callback):
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.full: dict[str, list] = {}  # trial id -> its checkpoints that still hold weights, oldest first
+        # trial id -> its checkpoints that still hold weights, oldest first; a resumed driver starts empty, so
+        # a resumed trial keeps the weights of its last checkpoint before the kill as well (one file more)
+        self.full: dict[str, list] = {}
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         full = self.full.setdefault(trial.trial_id, [])

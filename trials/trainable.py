@@ -147,7 +147,8 @@ def restore_trainer_state(trainer: HeadTrainer, checkpoint_dir: str, device: str
     """Resume from a trial checkpoint. A superseded checkpoint keeps only its epoch (the sweep drops the
     weights of all but the newest, see orchestrator/checkpoints.py); Tune restores one when its saved
     experiment state lagged behind the trial (a driver killed before the next snapshot reached storage).
-    Training is deterministic given (seed, epoch), so replaying the epochs rebuilds that exact state."""
+    Training is deterministic given (seed, epoch), so replaying the epochs rebuilds that state (exactly on a
+    CPU; on a GPU up to its non-deterministic kernels)."""
     weights = os.path.join(checkpoint_dir, WEIGHTS_FILE)
     if os.path.exists(weights):
         trainer.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
