@@ -127,13 +127,13 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path, mlflow_template):
     # catches it mid-way, then let it supersede the checkpoint that state names, and kill the driver.
     worker, trial_id = wait_for(early_trial, timeout=120, every=0.05)
     os.kill(worker, signal.SIGSTOP)
-    trial_dir = lambda: next(experiment.glob(f"*_{trial_id}_*"))  # noqa: E731
+    trial_dir = next(experiment.glob(f"*_{trial_id}_*"))  # its checkpoints are there already
 
     def caught():
         """A saved state with an epoch of the paused trial: (state, the checkpoint of its last epoch there)."""
         state = saved_state(experiment)
-        n = reported_epochs(state or {}).get(trial_dir().relative_to(experiment), 0)
-        return (state, trial_dir() / f"checkpoint_{n - 1:06d}") if n else None
+        n = reported_epochs(state or {}).get(trial_dir.relative_to(experiment), 0)
+        return (state, trial_dir / f"checkpoint_{n - 1:06d}") if n else None
 
     behind, named = wait_for(caught, timeout=120, every=0.05)
     os.kill(worker, signal.SIGCONT)
