@@ -39,19 +39,21 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, mlflow_templ
     assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
     assert len(after) == 2 and killed in after
-    # the trial is named by MLflow, not by the pids in Tune's result.json: that file may lose the lines
-    # the killed process wrote (seen here, loaded or not); MLflow's curve, checked below, may not
+    # the trial is named by MLflow, not by the pids in Tune's result.json, and all its epochs are counted in
+    # MLflow's curve below: Tune rewrites a restarted trial's result.json from the last experiment snapshot
+    # that reached storage (JsonLoggerCallback._restore_from_remote), so it may lack the epochs reported
+    # since (epoch 1 here, once; Tune no longer forces a snapshot per checkpoint: orchestrator/checkpoints.py)
     lines = after[killed]
     epochs = [r["epoch"] for r in lines]
-    # resumed after its checkpoint: no checkpointed epoch runs again (an epoch reported in the few ms
-    # between the poll and the kill may), and it ran to the end
-    assert all(epochs.count(e) == 1 for e in range(1, saved + 1)) and epochs == sorted(epochs)
-    assert epochs[-1] == 4 and set(epochs) == {1, 2, 3, 4}
+    # resumed after its checkpoint: the second process ran no checkpointed epoch again (an epoch reported
+    # in the few ms between the poll and the kill may run again), and it ran to the end
+    assert all(r["epoch"] > saved for r in lines if r["pid"] != victim) and epochs == sorted(epochs)
+    assert epochs[-1] == 4
     assert lines[-1]["pid"] != victim  # in a second process
     client, parent, kids = children(tmp_path, "wrk")
     assert len(kids) == 2 and all(k.data.tags["diffsweep.status"] == "completed" for k in kids)
     run = next(k for k in kids if k.data.tags["diffsweep.trial_id"] == killed)
-    # resumed from its checkpoint: every epoch logged exactly once, none lost
+    # every epoch logged exactly once, none lost
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4]
 
 
