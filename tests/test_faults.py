@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.spaces import tiny_space
+from trials.trainable import EPOCH_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -137,7 +138,7 @@ def test_driver_killed_mid_sweep_then_resumed(tmp_path, mlflow_template):
 
     behind, named = wait_for(caught, timeout=120, every=0.05)
     os.kill(worker, signal.SIGCONT)
-    wait_for(lambda: (named / "epoch.json").exists() and not (named / "trainer.pt").exists(), timeout=120,
+    wait_for(lambda: (named / EPOCH_FILE).exists() and not (named / WEIGHTS_FILE).exists(), timeout=120,
              every=0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()

@@ -115,9 +115,12 @@ def test_a_checkpoint_that_kept_only_its_epoch_is_rebuilt_by_replaying_the_epoch
 
     data = [separable(n=64)]
     r = Recipe("adamw", epochs=4, batch_size=16)
-    full = list(HeadTrainer("mlp", {"pool": 2, "hidden": 16, "dropout": 0.2}, data, 3, r, seed=7).epochs(data))
+    def trainer():
+        return HeadTrainer("mlp", {"pool": 2, "hidden": 16, "dropout": 0.2}, data, 3, r, seed=7)
+
+    full = list(trainer().epochs(data))
     (tmp_path / EPOCH_FILE).write_text(json.dumps({"epoch": 2}))
-    resumed = HeadTrainer("mlp", {"pool": 2, "hidden": 16, "dropout": 0.2}, data, 3, r, seed=7)
+    resumed = trainer()
     restore_trainer_state(resumed, str(tmp_path), "cpu")
     assert resumed.epoch == 2
     assert list(resumed.epochs(data)) == full[2:]

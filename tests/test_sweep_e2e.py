@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator.cli import main
+from trials.trainable import EPOCH_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +54,8 @@ def test_only_each_trials_newest_checkpoint_keeps_its_weights(sweep):
     assert trials
     for trial in trials:
         folders = sorted(trial.glob("checkpoint_*"))
-        assert folders and all((f / "epoch.json").is_file() for f in folders)
-        assert [f.name for f in folders if (f / "trainer.pt").exists()] == [folders[-1].name]
+        assert folders and all((f / EPOCH_FILE).is_file() for f in folders)
+        assert [f.name for f in folders if (f / WEIGHTS_FILE).exists()] == [folders[-1].name]
 
 
 def test_optuna_studies_per_dataset_record_pruned_trials(sweep):
