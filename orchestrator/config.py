@@ -75,6 +75,7 @@ class Space(Strict):
     block: list[int]
     pool: list[int] = [1]
     head: dict[str, dict[str, Param]]
+    concat_maps: list[list[tuple[int, int]]] = []  # for head "concat": sets of (t, block) maps
     fusion_maps: list[list[tuple[int, int]]] = []  # for head "fusion": sets of (t, block) maps
     mixing_maps: list[list[tuple[int, int]]] = []  # for head "mixing"; none listed = every t × block above
     # each feature is the mean over k seeded ε draws, k searched from this list (DIFT's ensemble)

@@ -38,8 +38,8 @@ def suggest_config(trial: optuna.Trial, space: Space) -> dict[str, Any]:
     else:
         config["t"] = trial.suggest_categorical("t", space.t)
         config["block"] = trial.suggest_categorical("block", space.block)
-        if spec.pooled:
-            config["pool"] = trial.suggest_categorical("pool", space.pool)
+    if spec.pooled:
+        config["pool"] = trial.suggest_categorical("pool", space.pool)
     if space.noise_draws != [1]:  # absent = 1 draw, so spaces without ensembles keep their configs
         config["noise_draws"] = trial.suggest_categorical("noise_draws", space.noise_draws)
     for name, spec in space.head[head].items():
@@ -63,12 +63,12 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
                  for k, v in params.items() if isinstance(v, Range)}
         fixed = {k: (round(v) if params[k.split(".", 1)[1]].type == "int" else v) for k, v in fixed.items()}
         listed = {f"{head}.{k}": v for k, v in params.items() if not isinstance(v, Range)}
+        pools = [{"pool": p} for p in space.pool] if REGISTRY[head].pooled else [{}]
         if REGISTRY[head].multi_map:
-            base = [{f"{head}.set": i} for i in range(len(space.map_sets(head)))]
+            maps = [{f"{head}.set": i} for i in range(len(space.map_sets(head)))]
         else:
-            pools = space.pool if REGISTRY[head].pooled else [None]
-            base = [{"t": t, "block": b, **({"pool": p} if p is not None else {})}
-                    for t, b, p in itertools.product(space.t, space.block, pools)]
+            maps = [{"t": t, "block": b} for t, b in itertools.product(space.t, space.block)]
+        base = [{**m, **p} for m, p in itertools.product(maps, pools)]
         draws = [{"noise_draws": k} for k in space.noise_draws] if space.noise_draws != [1] else [{}]
         for b, k in itertools.product(base, draws):
             for values in itertools.product(*listed.values()):

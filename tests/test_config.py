@@ -39,3 +39,21 @@ def test_a_validation_bar_is_one_for_every_dataset_or_per_dataset():
     per_dataset = Selection(min_val_acc={"cub": 0.8, "flowers102": 0.98})
     assert (per_dataset.bar("cub"), per_dataset.bar("flowers102"), per_dataset.bar("nabirds")) == (0.8, 0.98, None)
     assert Selection().bar("cub") is None
+
+
+def test_a_head_reading_several_pooled_maps_is_suggested_a_map_set_and_a_pool():
+    """`concat` reads the pooled caches of a listed map set: the sampler picks the set and the pool;
+    the grid has one point per set × pool."""
+    from orchestrator.config import Space
+
+    space = Space(t=[10], block=[8], pool=[2, 4], head={"concat": {"hidden": [32]}},
+                  concat_maps=[[[10, 8], [10, 9]], [[10, 8], [25, 8]]])
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(4):
+        config = suggest_config(study.ask(), space)
+        assert config["pool"] in (2, 4)
+        assert config["concat.maps"] in ([[10, 8], [10, 9]], [[10, 8], [25, 8]])
+    points = grid_points(space)
+    assert sorted((p["concat.set"], p["pool"]) for p in points) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    with pytest.raises(ValueError, match="head 'concat' needs concat_maps"):
+        Space(t=[10], block=[8], head={"concat": {}})

@@ -20,7 +20,7 @@ def separable(n=96, channels=8, side=4, classes=3, seed=0):
     return FeatureArray([x], labels, [str(i) for i in range(n)])
 
 
-SMALL = {"linear": {"pool": 2}, "mlp": {"pool": 2, "hidden": 32}, "cnn": {"width": 16, "depth": 1},
+SMALL = {"linear": {"pool": 2}, "mlp": {"pool": 2, "hidden": 32}, "concat": {"pool": 2, "hidden": 32}, "cnn": {"width": 16, "depth": 1},
          "attention": {"dim": 32, "heads": 4, "depth": 1}, "fusion": {"dim": 32, "heads": 4, "depth": 1},
          "mixing": {"dim": 16, "side": 2, "maps": [[10, 4], [10, 8]]}}
 
@@ -46,6 +46,21 @@ def test_fusion_accepts_maps_of_different_shapes():
     head = build_head("fusion", [64, 32, 16], [7, 14, 4], 5, dim=32, heads=4, depth=1)
     out = head([torch.randn(2, 64, 7, 7), torch.randn(2, 32, 14, 14), torch.randn(2, 16, 4, 4)])
     assert out.shape == (2, 5)
+
+
+def test_concat_head_is_the_mlp_over_its_maps_pooled_and_stacked():
+    """Each map pooled to p×p, concatenated in the listed order: the same network, with the same
+    initial weights, as the mlp on one map whose channels are the maps' channels stacked."""
+    maps = [torch.randn(4, 8, 7, 7), torch.randn(4, 6, 14, 14)]
+    torch.manual_seed(0)
+    concat = build_head("concat", [8, 6], [7, 14], 5, pool=7, hidden=32, depth=2).eval()
+    torch.manual_seed(0)
+    mlp = build_head("mlp", 14, 7, 5, pool=7, hidden=32, depth=2).eval()
+    stacked = torch.cat([maps[0], torch.nn.functional.adaptive_avg_pool2d(maps[1], 7)], dim=1)
+    assert torch.equal(concat(maps), mlp(stacked))
+    assert param_count(concat) == param_count(mlp)
+    with pytest.raises(ValueError, match="reads one map"):
+        build_head("mlp", [8, 6], [7, 14], 5)
 
 
 def test_mixing_head_shapes_and_softmax_weights():
@@ -147,7 +162,7 @@ def test_registry_names_each_heads_parameters_from_its_builder():
     from trials.head_registry import REGISTRY
     from trials.heads import head_hyperparameters
     assert head_hyperparameters("linear") == ()
-    assert head_hyperparameters("mlp") == ("hidden", "depth", "dropout")
+    assert head_hyperparameters("mlp") == head_hyperparameters("concat") == ("hidden", "depth", "dropout")
     assert head_hyperparameters("fusion") == head_hyperparameters("attention") == ("dim", "heads", "depth", "dropout")
     for spec in REGISTRY.values():
         assert set(spec.lr) == {"paper", "adamw"}  # a default learning rate for every recipe

@@ -20,8 +20,9 @@ _DATA_ARGS = ("self", "channels", "spatial", "num_classes", "pool", "maps")
 class HeadSpec:
     name: str
     # "pooled": the map's adaptive-average-pooled p×p cache (p from space.pool); "map": one full
-    # (t, block) map; "maps": several (t, block) maps at once, from a list of map sets in the space
-    reads: Literal["pooled", "map", "maps"]
+    # (t, block) map; "maps": several (t, block) maps at once, from a list of map sets in the space;
+    # "pooled_maps": the pooled caches of several maps at once (one p for all of them)
+    reads: Literal["pooled", "map", "maps", "pooled_maps"]
     lr: Mapping[str, float]  # recipe name -> default learning rate
     builder: str  # "module:Class"
     maps_field: str | None = None  # "maps" heads: the Space field listing their map sets
@@ -31,11 +32,11 @@ class HeadSpec:
 
     @property
     def pooled(self) -> bool:
-        return self.reads == "pooled"
+        return self.reads in ("pooled", "pooled_maps")
 
     @property
     def multi_map(self) -> bool:
-        return self.reads == "maps"
+        return self.reads in ("maps", "pooled_maps")
 
     def cls(self) -> type:
         module, name = self.builder.split(":")
@@ -62,6 +63,7 @@ REGISTRY: Mapping[str, HeadSpec] = MappingProxyType({s.name: s for s in (
     HeadSpec("mlp", "pooled", _lr(1e-2, 1e-3), "trials.heads:MLPHead"),
     HeadSpec("cnn", "map", _lr(1e-2, 1e-3), "trials.heads:CNNHead"),
     HeadSpec("attention", "map", _lr(5e-2, 3e-4), "trials.heads:AttentionHead"),
+    HeadSpec("concat", "pooled_maps", _lr(1e-2, 1e-3), "trials.heads:ConcatHead", maps_field="concat_maps"),
     HeadSpec("fusion", "maps", _lr(5e-2, 3e-4), "trials.heads:FusionHead", maps_field="fusion_maps"),
     HeadSpec("mixing", "maps", _lr(1e-2, 1e-3), "trials.heads:MixingHead", maps_field="mixing_maps",
              all_maps_by_default=True, takes_maps=True),

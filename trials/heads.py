@@ -48,6 +48,20 @@ class MLPHead(nn.Module):
         return self.net(F.adaptive_avg_pool2d(x, self.pool).flatten(1))
 
 
+class ConcatHead(MLPHead):
+    """The mlp over several (t, block) maps at once: each map average-pooled to p×p, the pooled
+    features concatenated (in the listed order), then BN -> Linear -> GELU -> ... -> Linear. Maps
+    of other blocks hold other features of the same image, which one classifier can weigh jointly
+    (an ensemble of per-map heads only averages their answers)."""
+
+    def __init__(self, channels: Sequence[int], spatial: Sequence[int], num_classes: int, **kw: Any):
+        super().__init__(sum(channels), min(spatial), num_classes, **kw)
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        maps = [x] if torch.is_tensor(x) else list(x)
+        return self.net(torch.cat([F.adaptive_avg_pool2d(m, self.pool).flatten(1) for m in maps], dim=1))
+
+
 class CNNHead(nn.Module):
     """conv3×3 + BN + ReLU layers over the map -> global average pool -> Linear."""
 
@@ -212,7 +226,8 @@ def build_head(head: str, channels: int | Sequence[int], spatial: int | Sequence
     """Build a head by name. Hyper-parameters that the head does not take are an error."""
     spec = head_spec(head)
     if not spec.multi_map and not isinstance(channels, int):
-        raise ValueError(f"head '{head}' reads one map; use a head that reads several (fusion) for several")
+        raise ValueError(f"head '{head}' reads one map; use a head that reads several (concat, fusion, mixing) "
+                         "for several")
     return spec.cls()(channels, spatial, num_classes, **hparams)
 
 
