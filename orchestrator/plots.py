@@ -23,8 +23,13 @@ def _finish(fig, ax, im, title: str, path: Path) -> Path:
 
 
 def accuracy_grid(rows: pd.DataFrame) -> pd.DataFrame:
-    """Best validation accuracy of any trial at each (t, block) cell (t rows, block columns)."""
+    """Best validation accuracy of any trial at each (t, block) cell (t rows, block columns). Trials
+    of heads that read several maps (concat, fusion, mixing) belong to no one cell and are left out."""
+    from trials.head_registry import REGISTRY
+
     rows = rows.dropna(subset=["t", "block"])
+    if "head" in rows:
+        rows = rows[~rows["head"].map(lambda h: REGISTRY[h].multi_map).astype(bool)]
     acc = rows.get("best_val_acc", rows["val_acc"]).astype(float)
     return rows.assign(acc=acc).pivot_table(index="t", columns="block", values="acc", aggfunc="max")
 
@@ -36,7 +41,7 @@ def weights_grid(map_weights: list) -> pd.DataFrame:
 
 
 def accuracy_heatmap(rows: pd.DataFrame, path: Path, title: str = "best val_acc") -> Path:
-    """Best validation accuracy of any trial at each (t, block) cell; blank where nothing ran."""
+    """Best validation accuracy of any single-map trial at each (t, block) cell; blank where none ran."""
     return grid_heatmap(accuracy_grid(rows), path, title)
 
 

@@ -96,16 +96,14 @@ def mixing_rank_correlation(rows: pd.DataFrame) -> tuple[pd.Series, float] | Non
     from scipy.stats import spearmanr
 
     from orchestrator.plots import accuracy_grid, weights_grid
-    from trials.head_registry import REGISTRY
 
     done = rows[(rows.status == "completed") & rows["map_weights"].notna()]
     if done.empty:
         return None
     best = done.sort_values("val_acc", ascending=False).iloc[0]
-    single = rows[[not REGISTRY[h].multi_map for h in rows["head"]]]
-    if single.empty:
+    acc = accuracy_grid(rows).stack()  # the single-map trials' cells
+    if acc.empty:
         return best, float("nan")
-    acc = accuracy_grid(single).stack()
     weights = weights_grid(json.loads(best["map_weights"])).stack()
     both = pd.concat([acc.rename("acc"), weights.rename("w")], axis=1).dropna()
     if len(both) < 2 or both["acc"].nunique() < 2 or both["w"].nunique() < 2:

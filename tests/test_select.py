@@ -77,6 +77,18 @@ def test_select_top_ranks_completed_trials_as_select_best_does():
     assert "_order" not in top["digits"].columns
 
 
+def test_the_val_acc_heatmap_has_the_single_map_trials_only():
+    """A concat trial reads blocks 4 and 8 at once: it belongs to neither cell, so the heatmap's (10, 4)
+    cell is the best single-map trial there, not the concat trial listed under its first map."""
+    from orchestrator.plots import accuracy_grid
+
+    rows = pd.DataFrame({"head": ["concat", "linear", "mlp"], "t": [10, 10, 10], "block": [4, 4, 8],
+                         "val_acc": [0.95, 0.80, 0.85]})
+    grid = accuracy_grid(rows)
+    assert grid.loc[10, 4] == 0.80 and grid.loc[10, 8] == 0.85
+    assert accuracy_grid(rows[rows["head"] == "concat"]).empty
+
+
 @pytest.fixture(scope="module")
 def sweep(shared_sweep):
     """The suite's shared sweep (tests/conftest.py): `diffsweep.run` from an empty store."""
