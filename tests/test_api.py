@@ -46,10 +46,12 @@ def write_pngs(samples, folder: Path) -> list[str]:
 def test_load_gives_a_module_with_classes_and_config(clf):
     assert isinstance(clf, torch.nn.Module)
     assert clf.classes == yaml.safe_load(EXAMPLE.read_text())["dataset"]["classes"]
-    # the shipped selection is an ensemble of three mlp heads at t=10 (README, sweep 7)
+    # the shipped selection is an ensemble of a concat head over blocks 8-10 and an mlp on block 10, at t=10
+    # (README, sweep 10): the classifier reads every member's maps
     members = clf.config["head"]["members"]
-    assert clf.config["head"]["type"] == "ensemble" and clf.config["selection"]["members"] == len(members) == 3
-    assert {(m["type"], m["t"]) for m in members} == {("mlp", 10)}
+    assert clf.config["head"]["type"] == "ensemble" and clf.config["selection"]["members"] == len(members) == 2
+    assert [(m["type"], m["maps"]) for m in members] == [("concat", [[10, 8], [10, 9], [10, 10]]), ("mlp", [[10, 10]])]
+    assert sorted(clf.maps) == [(10, 8), (10, 9), (10, 10)]
     assert not clf.training and all(not p.requires_grad for p in clf.backbone.parameters())
 
 

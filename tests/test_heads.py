@@ -20,9 +20,9 @@ def separable(n=96, channels=8, side=4, classes=3, seed=0):
     return FeatureArray([x], labels, [str(i) for i in range(n)])
 
 
-SMALL = {"linear": {"pool": 2}, "mlp": {"pool": 2, "hidden": 32}, "concat": {"pool": 2, "hidden": 32}, "cnn": {"width": 16, "depth": 1},
-         "attention": {"dim": 32, "heads": 4, "depth": 1}, "fusion": {"dim": 32, "heads": 4, "depth": 1},
-         "mixing": {"dim": 16, "side": 2, "maps": [[10, 4], [10, 8]]}}
+SMALL = {"linear": {"pool": 2}, "mlp": {"pool": 2, "hidden": 32}, "concat": {"pool": 2, "hidden": 32},
+         "cnn": {"width": 16, "depth": 1}, "attention": {"dim": 32, "heads": 4, "depth": 1},
+         "fusion": {"dim": 32, "heads": 4, "depth": 1}, "mixing": {"dim": 16, "side": 2, "maps": [[10, 4], [10, 8]]}}
 
 
 @pytest.mark.parametrize("head", HEADS)

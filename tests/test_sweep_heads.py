@@ -23,13 +23,15 @@ def test_every_head_type_runs_to_completion_and_the_best_three_export_as_one(ray
 
     from diffsweep import load
 
-    heads = {"linear": {}, "mlp": {"hidden": [32]}, "concat": {"hidden": [32]}, "cnn": {"width": [16], "depth": [1]},
-             "attention": {"dim": [32], "heads": [4], "depth": [1]}, "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
+    heads = {"linear": {}, "mlp": {"hidden": [32]}, "concat": {"hidden": [32]},
+             "cnn": {"width": [16], "depth": [1]}, "attention": {"dim": [32], "heads": [4], "depth": [1]},
+             "fusion": {"dim": [32], "heads": [4], "depth": [1]}}
     space = tiny_space(tmp_path, name="heads", heads=heads, sampler="grid", store=shared_features,
                        datasets=[{"name": "digits", "val_fraction": 0.15, "limit": {"train": 400}}],
                        asha={"max_t": 2, "grace_period": 2, "reduction_factor": 2}, mlflow_template=mlflow_template)
     spec = yaml.safe_load(space.read_text())
-    spec["space"].update(t=[10], block=[8], pool=[2], concat_maps=[[[10, 4], [10, 8]]], fusion_maps=[[[10, 4], [10, 8]]])
+    two_maps = [[[10, 4], [10, 8]]]
+    spec["space"].update(t=[10], block=[8], pool=[2], concat_maps=two_maps, fusion_maps=two_maps)
     spec["selection"] = {"ensemble": 3}
     space.write_text(yaml.safe_dump(spec))
     assert main(["run", str(space)]) == 0

@@ -25,7 +25,7 @@ class HeadSpec:
     reads: Literal["pooled", "map", "maps", "pooled_maps"]
     lr: Mapping[str, float]  # recipe name -> default learning rate
     builder: str  # "module:Class"
-    maps_field: str | None = None  # "maps" heads: the Space field listing their map sets
+    maps_field: str | None = None  # "maps" / "pooled_maps" heads: the Space field listing their map sets
     # "maps" heads: with no map set listed, read every (t, block) the space captures (else it is an error)
     all_maps_by_default: bool = False
     takes_maps: bool = False  # the builder is told each input's (t, block) (keyword `maps`)
