@@ -261,7 +261,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                  f"{plan['test_image_passes_max']} (test, winners only)")
     lines.append(f"  features: {_gib(fb['fill'])} train+val over {len(fb['per_map'])} (t, block) maps + at most "
                  f"{_gib(fb['test_max'])} test = {_gib(fb['total'])}; not yet stored: {_gib(fb['missing'])}")
-    lines.append(f"  pooled caches (linear, mlp, concat): {_gib(plan['pooled_cache_bytes'])}")
+    pooled_heads = ", ".join(name for name, spec in REGISTRY.items() if spec.pooled)
+    lines.append(f"  pooled caches ({pooled_heads}): {_gib(plan['pooled_cache_bytes'])}")
     cb = plan["checkpoint_bytes"]
     lines.append(f"  trials: {plan['trials']}, at most {plan['head_epochs_max']} head-epochs; checkpoints at most "
                  f"{_gib(cb['per_trial_max'])} per trial, {_gib(cb['total_max'])} in all")

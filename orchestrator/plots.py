@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from trials.head_registry import REGISTRY  # noqa: E402
+
 
 def _finish(fig, ax, im, title: str, path: Path) -> Path:
     ax.set_title(title)
@@ -25,8 +27,6 @@ def _finish(fig, ax, im, title: str, path: Path) -> Path:
 def accuracy_grid(rows: pd.DataFrame) -> pd.DataFrame:
     """Best validation accuracy of any trial at each (t, block) cell (t rows, block columns). Trials
     of heads that read several maps (concat, fusion, mixing) belong to no one cell and are left out."""
-    from trials.head_registry import REGISTRY
-
     rows = rows.dropna(subset=["t", "block"])
     if "head" in rows:
         rows = rows[~rows["head"].map(lambda h: REGISTRY[h].multi_map).astype(bool)]
