@@ -15,7 +15,8 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, mlflow_templ
     digits = [{"name": "digits", "val_fraction": 0.15, "limit": {"train": 300}}]
     # an attention head: slow enough per epoch that the kill lands between the first and last epoch
     # (measured alone: 1.8-2.0 s per epoch at block 4, 0.45 s at block 8; 600 images took twice that)
-    space = tiny_space(tmp_path, name="wrk", datasets=digits, num_samples=2, max_concurrent=1,
+    # one trial: the check is about the killed one
+    space = tiny_space(tmp_path, name="wrk", datasets=digits, num_samples=1, max_concurrent=1,
                        heads={"attention": {"dim": [64], "depth": [2]}},
                        asha={"max_t": 4, "grace_period": 4, "reduction_factor": 2}, mlflow_template=mlflow_template)
     driver = start(["run", str(space)], tmp_path)
@@ -38,7 +39,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, mlflow_templ
     os.kill(victim, signal.SIGKILL)
     assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     after = results(tmp_path / "ray", "wrk")
-    assert len(after) == 2 and killed in after
+    assert list(after) == [killed]
     # the trial is named by MLflow, not by the pids in Tune's result.json, and all its epochs are counted in
     # MLflow's curve below: Tune rewrites a restarted trial's result.json from the last experiment snapshot
     # that reached storage (JsonLoggerCallback._restore_from_remote), so it may lack the epochs reported
@@ -51,7 +52,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tmp_path, mlflow_templ
     assert epochs[-1] == 4
     assert lines[-1]["pid"] != victim  # in a second process
     client, parent, kids = children(tmp_path, "wrk")
-    assert len(kids) == 2 and all(k.data.tags["diffsweep.status"] == "completed" for k in kids)
+    assert len(kids) == 1 and kids[0].data.tags["diffsweep.status"] == "completed"
     run = next(k for k in kids if k.data.tags["diffsweep.trial_id"] == killed)
     # every epoch logged exactly once, none lost
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3, 4]
