@@ -52,13 +52,14 @@ def cmd_plan(args) -> int:
 def cmd_resume(args) -> int:
     from orchestrator.config import ConfigError, SweepConfig
     from orchestrator.report import print_summary
-    from orchestrator.sweep import STATE_FILE, absolute, run_sweep
+    from orchestrator.sweep import STATE_FILE, absolute, check_resumable, run_sweep
 
     state_path = Path(absolute(args.storage_path)) / args.name / STATE_FILE
     if not state_path.is_file():
         raise ConfigError(f"sweep '{args.name}': no saved sweep at {state_path.parent}; check the name and "
                           "--storage-path")
     cfg = SweepConfig.model_validate(json.loads(state_path.read_text())["config"])
+    check_resumable(state_path.parent)
     outcome = run_sweep(cfg, address=args.address, resume=True)
     return print_summary(cfg, outcome)
 

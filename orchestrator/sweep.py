@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,30 @@ class SweepOutcome:
     # selections below `selection.min_val_acc`: {dataset: head, t, block, pool, members, val_acc,
     # min_val_acc}, neither tested nor exported
     below_bar: dict[str, dict] = field(default_factory=dict)
+
+
+def check_resumable(experiment_dir: Path) -> None:
+    """`resume` restores the searcher, its wrappers and the callbacks from the newest states Tune saved
+    beside the experiment (the greatest name, as Tune picks them). A driver stopped while Tune copied
+    one into storage leaves it short; Tune then logs the error, restarts the experiment half restored,
+    and the resumed driver never ends (seen once in a clean-clone CI run: a 0-byte searcher state).
+    Refuse that in one line, before Ray starts."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.search import SearchGenerator, Searcher
+
+    for template in (Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL, CallbackList.CKPT_FILE_TMPL):
+        newest = max(experiment_dir.glob(template.format("*")), default=None)
+        if newest is None:
+            continue
+        try:
+            with open(newest, "rb") as f:
+                pickle.load(f)  # Tune writes these with cloudpickle, which plain pickle reads
+        except Exception as e:  # truncated (EOFError, UnpicklingError) or not Tune's at all
+            raise ConfigError(
+                f"sweep '{experiment_dir.name}': its saved Tune state {newest} cannot be read "
+                f"({type(e).__name__}; a driver stopped while Tune saved it leaves it short), so `resume` cannot "
+                "continue this sweep; run it again with `diffsweep run SPACE.yaml --overwrite` (or `--name "
+                "NEW`): stored features are reused") from None
 
 
 def run_sweep(cfg: SweepConfig, address: str | None = None, resume: bool = False,

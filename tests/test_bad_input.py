@@ -114,6 +114,39 @@ def test_other_commands_refuse_bad_input(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and expected in err, (args, err)
 
 
+def test_resume_refuses_a_truncated_tune_state_in_one_line(tmp_path, capsys, monkeypatch):
+    """A driver stopped while Tune copied its searcher's (or callbacks') state into storage leaves it
+    short; resuming from it made Tune restart the experiment half restored, and the driver never
+    ended. `resume` reads those states before Ray starts and says what to do instead."""
+    import json
+    import pickle
+
+    from orchestrator.config import load_config
+    from orchestrator.search import PerDatasetOptunaSearch
+    from orchestrator.sweep import STATE_FILE, check_resumable, sweep_dir
+
+    cfg = load_config(tiny_space(tmp_path, name="cut"))
+    saved = sweep_dir(cfg)
+    saved.mkdir(parents=True)
+    (saved / STATE_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
+    searcher = saved / "searcher-state-2026-12-08_02-46-42.pkl"
+    PerDatasetOptunaSearch(cfg).save(str(searcher))
+    callbacks = saved / "callback-states-2026-12-08_02-46-42.pkl"
+    callbacks.write_bytes(pickle.dumps({0: {"runs": {}}, 1: None}))  # what Tune saves: state per callback
+    check_resumable(saved)  # whole states pass
+    monkeypatch.chdir(tmp_path)
+    for state in (searcher, callbacks):
+        whole = state.read_bytes()
+        for cut in (0, len(whole) // 2):
+            state.write_bytes(whole[:cut])
+            assert main(["resume", "cut", "--storage-path", str(tmp_path / "ray")]) == 2
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and f"saved Tune state {state}" in lines[0] and "--overwrite" in lines[0], lines
+        state.write_bytes(whole)
+    assert sorted(p.name for p in saved.iterdir()) == sorted([STATE_FILE, searcher.name, callbacks.name])
+    assert not (tmp_path / "features").exists() and not (tmp_path / "mlruns.db").exists()  # nothing written
+
+
 def test_pools_are_refused_exactly_when_two_give_a_block_the_same_head(tmp_path):
     """The rule against an independent count: a space is accepted iff its (block, side the head pools
     to) pairs are as many as its (block, pool) pairs, i.e. no two pools train the same head on a block.

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -66,7 +67,9 @@ def is_checkpoint(rel: Path) -> bool:
 
 def saved_state(experiment: Path) -> dict[Path, bytes] | None:
     """The experiment folder as Tune's snapshots and their sync left it: every file but the trials'
-    checkpoint folders (which workers write directly). None while a file is being written."""
+    checkpoint folders (which workers write directly). None while a file is being written: the sync
+    copies into place, so a state file read mid-copy is short (a 0-byte searcher state taken that way
+    once made the resumed driver hang; `diffsweep resume` now refuses such a state in one line)."""
     files = {}
     try:
         for path in experiment.rglob("*"):
@@ -75,7 +78,9 @@ def saved_state(experiment: Path) -> dict[Path, bytes] | None:
                 files[rel] = path.read_bytes()
                 if rel.name.startswith("experiment_state"):
                     json.loads(files[rel])
-    except (FileNotFoundError, ValueError):
+                elif rel.name.startswith(("searcher-state", "search_gen_state", "callback-states")):
+                    pickle.loads(files[rel])  # Tune's pickles (the search_gen_state .json too)
+    except (FileNotFoundError, ValueError, EOFError, pickle.UnpicklingError):
         return None
     return files
 
