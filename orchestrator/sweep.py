@@ -269,7 +269,8 @@ def check_resumable(experiment_dir: Path) -> None:
     """`resume` restores the searcher, its wrappers and the callbacks from the newest states Tune saved
     beside the experiment (the greatest name, as Tune picks them). A driver stopped while Tune copied
     one into storage leaves it short; Tune then logs the error, restarts the experiment half restored,
-    and the resumed driver never ends (seen once in a clean-clone CI run: a 0-byte searcher state).
+    and the resumed driver hangs (seen once in a clean-clone CI run: a 0-byte searcher state, the
+    driver still running at the test's 600 s timeout).
     Refuse that in one line, before Ray starts."""
     from ray.tune.callback import CallbackList
     from ray.tune.search import SearchGenerator, Searcher
