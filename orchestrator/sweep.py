@@ -265,18 +265,24 @@ class SweepOutcome:
     below_bar: dict[str, dict] = field(default_factory=dict)
 
 
-def check_resumable(experiment_dir: Path) -> None:
-    """`resume` restores the searcher, its wrappers and the callbacks from the newest states Tune saved
-    beside the experiment (the greatest name, as Tune picks them). A driver stopped while Tune copied
-    one into storage leaves it short; Tune then logs the error, restarts the experiment half restored,
-    and the resumed driver hangs (seen once in a clean-clone CI run: a 0-byte searcher state, the
-    driver still running at the test's 600 s timeout).
-    Refuse that in one line, before Ray starts."""
+def tune_restored_states() -> tuple[str, ...]:
+    """Glob patterns of the pickled states Tune restores on resume besides the experiment state: the
+    searcher's, its wrappers' and the callbacks'."""
     from ray.tune.callback import CallbackList
     from ray.tune.search import SearchGenerator, Searcher
 
-    for template in (Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL, CallbackList.CKPT_FILE_TMPL):
-        newest = max(experiment_dir.glob(template.format("*")), default=None)
+    return tuple(t.format("*") for t in (Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL,
+                                         CallbackList.CKPT_FILE_TMPL))
+
+
+def check_resumable(experiment_dir: Path) -> None:
+    """`resume` restores these states from the newest of each Tune saved beside the experiment (the
+    greatest name, as Tune picks them). A driver stopped while Tune copied one into storage leaves it
+    short; Tune then logs the error, restarts the experiment half restored, and the resumed driver
+    hangs (seen once in a clean-clone CI run: a 0-byte searcher state, the driver still running at the
+    test's 600 s timeout). Refuse that in one line, before Ray starts."""
+    for pattern in tune_restored_states():
+        newest = max(experiment_dir.glob(pattern), default=None)
         if newest is None:
             continue
         try:

@@ -116,7 +116,8 @@ def test_other_commands_refuse_bad_input(tmp_path, capsys):
 
 def test_resume_refuses_a_truncated_tune_state_in_one_line(tmp_path, capsys, monkeypatch):
     """A driver stopped while Tune copied its searcher's (or callbacks') state into storage leaves it
-    short; resuming from it made Tune restart the experiment half restored, and the driver hung. `resume` reads those states before Ray starts and says what to do instead."""
+    short; resuming from it made Tune restart the experiment half restored, and the driver hung.
+    `resume` reads those states before Ray starts and says what to do instead."""
     import json
     import pickle
 

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.sweep import tune_restored_states
 from tests.spaces import tiny_space
 from trials.trainable import EPOCH_FILE, WEIGHTS_FILE
 
@@ -70,7 +72,7 @@ def saved_state(experiment: Path) -> dict[Path, bytes] | None:
     checkpoint folders (which workers write directly). None while a file is being written: the sync
     copies into place, so a state file read mid-copy is short (a 0-byte searcher state taken that way
     once made the resumed driver hang; `diffsweep resume` now refuses such a state in one line)."""
-    files = {}
+    files, pickled = {}, tune_restored_states()
     try:
         for path in experiment.rglob("*"):
             rel = path.relative_to(experiment)
@@ -78,7 +80,7 @@ def saved_state(experiment: Path) -> dict[Path, bytes] | None:
                 files[rel] = path.read_bytes()
                 if rel.name.startswith("experiment_state"):
                     json.loads(files[rel])
-                elif rel.name.startswith(("searcher-state", "search_gen_state", "callback-states")):
+                elif any(fnmatch(rel.name, pattern) for pattern in pickled):
                     pickle.loads(files[rel])  # Tune's pickles (the search_gen_state .json too)
     except (FileNotFoundError, ValueError, EOFError, pickle.UnpicklingError):
         return None
